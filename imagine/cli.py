@@ -1,0 +1,116 @@
+"""`imagine`: render from the command line through the same queue and workers the Discord bot uses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from imagine.client import ImagineClient
+from imagine.contract import NO_ADAPTER, SCHEDULERS, JobRejected
+from imagine.settings import ServiceSettings
+
+EXIT_FAILED, EXIT_REFUSED, EXIT_CANCELLED = 1, 2, 3
+
+
+def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
+    ranges = settings.limits.ranges()
+
+    def span(option: str) -> str:
+        low, high = ranges[option]
+        return f"{low} to {high}"
+
+    parser = argparse.ArgumentParser(
+        prog="imagine", description="Render images with the Stable Diffusion workers behind the queue."
+    )
+    parser.add_argument("prompt", help="What to draw.")
+    parser.add_argument("--negative-prompt", default="", help="What to keep out of the image.")
+    parser.add_argument("--steps", type=int, default=30, help=f"Denoising steps, {span('num_inference_steps')}.")
+    parser.add_argument("--guidance", type=float, default=7.5, help=f"Guidance scale, {span('guidance_scale')}.")
+    parser.add_argument("--width", type=int, default=512, help=f"Width in pixels, {span('width')}, a multiple of 8.")
+    parser.add_argument("--height", type=int, default=512, help=f"Height in pixels, {span('height')}, a multiple of 8.")
+    parser.add_argument("--seed", type=int, default=None, help="Seed of the first image (random when absent).")
+    parser.add_argument("--count", type=int, default=1, help=f"Number of images, {span('num_images_per_prompt')}.")
+    parser.add_argument(
+        "--adapter", default=None, help=f"LoRA adapter name (default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': base)."
+    )
+    parser.add_argument("--adapter-scale", type=float, default=1.0, help=f"Adapter strength, {span('adapter_scale')}.")
+    parser.add_argument("--scheduler", default="default", choices=SCHEDULERS, help="Sampler.")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="Folder for the PNGs and the metadata JSON.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = ServiceSettings()
+    args = build_parser(settings).parse_args(argv)
+    options = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "num_images_per_prompt": args.count,
+        "adapter": args.adapter,
+        "adapter_scale": args.adapter_scale,
+        "scheduler": args.scheduler,
+    }
+    client = ImagineClient(settings, client_name="cli")
+    try:
+        job = client.submit(options)
+    except JobRejected as error:
+        print(f"imagine: refused: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"job {job.job_id}: queued at position {job.position}, seed {job.options.seed}", file=sys.stderr)
+
+    bar = None
+    try:
+        for event in client.events(job.job_id):
+            kind = event["type"]
+            if kind == "queued" and event.get("message"):
+                print(f"job {job.job_id}: {event['message']}", file=sys.stderr)
+            elif kind == "started":
+                print(f"job {job.job_id}: started on {event['worker']}", file=sys.stderr)
+                for warning in event.get("warnings", []):
+                    print(f"warning: {warning}", file=sys.stderr)
+                bar = tqdm(desc="rendering", unit="step", file=sys.stderr)
+            elif kind == "step" and bar is not None:
+                bar.total = event["total"]
+                bar.update(event["step"] - bar.n)
+            elif kind == "failed":
+                print(f"imagine: job failed: {event['message']}", file=sys.stderr)
+                return EXIT_FAILED
+            elif kind == "cancelled":
+                print(f"imagine: job cancelled: {event.get('message', '')}", file=sys.stderr)
+                return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print(f"\nimagine: {client.cancel(job.job_id)} job {job.job_id}", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result = client.result(job.job_id)
+    if result is None:
+        print(f"imagine: job {job.job_id} finished but its result has expired", file=sys.stderr)
+        return EXIT_FAILED
+    args.out.mkdir(parents=True, exist_ok=True)
+    kept = [image for image in result.meta["images"] if not image["withheld"]]
+    for image, png in zip(kept, result.images, strict=True):
+        path = args.out / f"{job.job_id}-{image['index']}-seed{image['seed']}.png"
+        path.write_bytes(png)
+        image["file"] = path.name
+        print(path)
+    (args.out / f"{job.job_id}.json").write_text(json.dumps(result.meta, indent=2))
+    for warning in result.meta.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    client.confirm_delivery(job.job_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The one way into the service, for every front end: the `imagine` CLI, the Discord bot, scripts.
+
+It validates options with the shared contract before anything reaches the queue, records the job,
+sends it to the workers, follows its events and fetches its result. It imports no torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from imagine.contract import JobOptions, JobRejected, parse_job_options
+from imagine.queue import RELOAD_COMMAND, make_celery, send_job
+from imagine.settings import ServiceSettings
+from imagine.store import JobRecord, JobResult, JobStore
+
+
+class QueueFull(JobRejected):
+    """The service holds as many waiting jobs as it accepts."""
+
+
+@dataclass(frozen=True)
+class SubmittedJob:
+    job_id: str
+    options: JobOptions
+    position: int
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queued: int
+    running: list[str]
+    workers: dict[str, dict[str, Any]]
+    recent_render_s: float | None
+    """Mean render time of the last jobs, None before any finished."""
+
+    def estimated_wait_s(self, position: int) -> float | None:
+        if self.recent_render_s is None:
+            return None
+        return self.recent_render_s * position / max(1, len(self.workers))
+
+
+class ImagineClient:
+    def __init__(self, settings: ServiceSettings, client_name: str = "cli") -> None:
+        self.settings = settings
+        self.client_name = client_name
+        self.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
+        self.app = make_celery(settings)
+
+    def submit(self, options: dict[str, Any] | JobOptions, owner: str = "") -> SubmittedJob:
+        """Validate and enqueue a job. Raises JobRejected (bad option) or QueueFull."""
+        checked = parse_job_options(options, self.settings.limits)
+        job_id = uuid.uuid4().hex
+        payload = checked.model_dump()
+        position = self.store.create(job_id, payload, self.client_name, owner, self.settings.max_queue_length)
+        if position is None:
+            raise QueueFull(
+                f"The queue is full ({self.settings.max_queue_length} jobs waiting); try again in a few minutes."
+            )
+        self.store.append_event(job_id, {"type": "queued", "position": position})
+        send_job(self.app, job_id, payload, attempt=1)
+        return SubmittedJob(job_id=job_id, options=checked, position=position)
+
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job's events in order (queued, started, step..., then done, failed or cancelled)."""
+        return self.store.follow(job_id)
+
+    def job(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id)
+
+    def result(self, job_id: str) -> JobResult | None:
+        return self.store.load_result(job_id)
+
+    def cancel(self, job_id: str) -> str:
+        return self.store.cancel(job_id)
+
+    def confirm_delivery(self, job_id: str) -> bool:
+        return self.store.confirm_delivery(job_id)
+
+    def undelivered(self) -> list[str]:
+        """Finished jobs of this front end whose delivery nobody has confirmed yet."""
+        return self.store.undelivered(self.client_name)
+
+    def pending_for_owner(self, owner: str) -> list[str]:
+        return self.store.pending_for_owner(owner)
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        return self.store.workers(alive_within_s=self.settings.worker_dead_after_s)
+
+    def queue_stats(self) -> QueueStats:
+        times = self.store.recent_render_times()
+        return QueueStats(
+            queued=self.store.queue_length(),
+            running=self.store.running_jobs(),
+            workers=self.workers(),
+            recent_render_s=statistics.fmean(times) if times else None,
+        )
+
+    def reload_adapters(self, adapter: str | None = None, timeout_s: float = 30.0) -> ReloadOutcome:
+        """Ask every worker to reload one adapter (None: all) from its LORA_DIR and collect the answers.
+
+        An idle worker answers at once. A worker busy with a job answers when the job is done: it never
+        swaps weights under a running job, and always applies pending reloads before its next job. A
+        worker that was offline loads the current files when it starts.
+        """
+        workers = set(self.workers())
+        request_id = self.store.request_reload(adapter)
+        # Wakes idle workers; busy ones see the request before their next job.
+        self.app.control.broadcast(RELOAD_COMMAND, reply=False)
+        deadline = time.monotonic() + timeout_s
+        answers = self.store.reload_answers(request_id)
+        while not workers.issubset(answers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answers = self.store.reload_answers(request_id)
+        return ReloadOutcome(request_id=request_id, answers=answers, waiting_for=sorted(workers - set(answers)))
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    request_id: str
+    answers: dict[str, list[dict[str, Any]]]
+    """Worker name -> one answer per adapter: name, ok, version (content hash) or error, seconds."""
+    waiting_for: list[str]
+    """Workers online that had not answered by the timeout (busy with a job: they reload before the next)."""

@@ -1,0 +1,174 @@
+"""The job contract every front end and every worker share.
+
+This module imports no torch, so the bot can validate options before anything reaches the queue; the
+worker validates again with the same code, because a message on the queue may come from an old or
+hostile client. Option names follow diffusers (`num_inference_steps`, `guidance_scale`, ...).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+SCHEDULERS = ("default", "pndm", "ddim", "euler", "euler_ancestral", "dpmpp_2m")
+"""Scheduler names a job may ask for; `default` is the one the model folder ships."""
+
+NO_ADAPTER = "none"
+"""The adapter name that asks for the base model alone."""
+
+ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000
+HARD_MAX_IMAGES = 4
+
+
+class JobRejected(ValueError):
+    """A job refused before it runs; the message names the option and what it accepts."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that protect the GPU; the settings of each process fill them in."""
+
+    max_steps: int = 100
+    max_images: int = HARD_MAX_IMAGES
+    max_side: int = 1024
+    max_pixels: int = 1024 * 1024
+    min_side: int = 64
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """The allowed range of each numeric option, as shown in error messages and help texts."""
+        return {
+            "num_inference_steps": (1, self.max_steps),
+            "guidance_scale": (0.0, 30.0),
+            "width": (self.min_side, self.max_side),
+            "height": (self.min_side, self.max_side),
+            "seed": (0, MAX_SEED),
+            "num_images_per_prompt": (1, min(self.max_images, HARD_MAX_IMAGES)),
+            "adapter_scale": (0.0, 2.0),
+        }
+
+
+class JobOptions(BaseModel):
+    """What a user may ask of one job. Build it with `parse_job_options`, which checks the limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    seed: int | None = None
+    num_images_per_prompt: int = 1
+    adapter: str | None = None
+    """None: the worker's DEFAULT_ADAPTER; `none`: the base model alone."""
+    adapter_scale: float = 1.0
+    scheduler: str = "default"
+    safety_checker: bool = True
+    """False asks for no safety check; the worker honours it only where its operator allows it."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("prompt must not be empty")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(value)})")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_length(cls, value: str) -> str:
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"negative_prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(value)})")
+        return value.strip()
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_name(cls, value: str | None) -> str | None:
+        if value is not None and not ADAPTER_NAME_PATTERN.match(value):
+            raise ValueError(
+                "adapter must be a name of letters, digits, '.', '_' or '-' (at most 64, no path), "
+                f"or '{NO_ADAPTER}' (got {value!r})"
+            )
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {value!r})")
+        return value
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image: consecutive from `seed`, so image i is reproducible on its own."""
+        if self.seed is None:
+            raise RuntimeError("seeds are known once parse_job_options has drawn the seed")
+        return [self.seed + index for index in range(self.num_images_per_prompt)]
+
+
+def _range_message(option: str, low: float, high: float, value: Any) -> str:
+    kind = "an integer" if isinstance(low, int) and isinstance(high, int) else "a number"
+    return f"{option} must be {kind} from {low} to {high} (got {value!r})"
+
+
+def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobOptions:
+    """Validate a job's options against the contract and the limits, drawing a seed when none is given.
+
+    Raises JobRejected with a message that names the first bad option and its allowed range.
+    """
+    raw = data.model_dump() if isinstance(data, JobOptions) else data
+    if not isinstance(raw, dict):
+        raise JobRejected(f"job options must be an object of option names to values (got {type(raw).__name__})")
+    ranges = limits.ranges()
+    try:
+        options = JobOptions.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = str(first["loc"][0]) if first["loc"] else None
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(JobOptions.model_fields)
+            raise JobRejected(f"unknown option {option!r}; the options are: {known}", option) from None
+        if first["type"] == "missing":
+            raise JobRejected(f"{option} is required", option) from None
+        if option in ranges:
+            raise JobRejected(_range_message(option, *ranges[option], first.get("input")), option) from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if first["type"] in ("string_type", "bool_type", "bool_parsing"):
+            message = f"{option}: {message} (got {first.get('input')!r})"
+        raise JobRejected(message, option) from None
+
+    for option, (low, high) in ranges.items():
+        value = getattr(options, option)
+        if value is not None and not low <= value <= high:
+            raise JobRejected(_range_message(option, low, high, value), option)
+    for side in ("width", "height"):
+        if getattr(options, side) % 8:
+            raise JobRejected(f"{side} must be a multiple of 8 (got {getattr(options, side)})", side)
+    if options.width * options.height > limits.max_pixels:
+        raise JobRejected(
+            f"width × height must be at most {limits.max_pixels} pixels "
+            f"(got {options.width}×{options.height} = {options.width * options.height})",
+            "width",
+        )
+    # The seed is drawn here, before the queue, so a redelivered job renders the same images.
+    if options.seed is None:
+        options = options.model_copy(update={"seed": secrets.randbelow(MAX_SEED - HARD_MAX_IMAGES)})
+    if options.seed + options.num_images_per_prompt - 1 > MAX_SEED:
+        raise JobRejected(
+            f"seed must leave room for one seed per image: at most {MAX_SEED - options.num_images_per_prompt + 1}",
+            "seed",
+        )
+    return options

@@ -1,0 +1,377 @@
+"""Job state, progress events and results in Redis, shared by front ends and workers.
+
+Results travel through Redis rather than a shared disk, so a front end on another machine than the
+worker gets them. Every state change is a small Lua script, so that a job redelivered after a worker
+died, a stale broker message and a cancel racing a start all resolve to one outcome.
+
+Keys (under the configured prefix):
+  job:{id}           hash   options, state, attempt, worker, timestamps, error
+  job:{id}:events    stream one JSON event per entry, in order
+  job:{id}:result    hash   `meta` (JSON) and `png:{i}` (bytes)
+  pending            zset   queued job ids by submission time: queue positions and the cap
+  running            set    job ids a worker has claimed: the janitor looks here for dead workers
+  finished:{client}  zset   finished jobs nobody has confirmed delivery of, per front end
+  workers            hash   worker name -> its latest status (JSON)
+  reloads            stream adapter reload requests; reload:{request id} holds each worker's answer
+  render_times       list   recent render durations, for estimates
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+TERMINAL_EVENTS = ("done", "failed", "cancelled")
+RENDER_TIMES_KEPT = 50
+
+# Claim a queued job for one attempt. A message whose attempt is not the job's current one is a
+# leftover of a redelivery (the broker restores unacked messages late) and is dropped.
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 'stale' end
+if state ~= 'queued' then return state end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3], 'heartbeat_at', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 'ok'
+"""
+
+# Finish the attempt that holds the job; anything else (a stale duplicate) changes nothing.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4], 'reason', ARGV[5])
+redis.call('SREM', KEYS[2], ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[6])
+return 1
+"""
+
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+  return 'cancelled'
+end
+if state == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'cancelling'
+end
+return state
+"""
+
+# Put back a job whose worker stopped sending heartbeats, or fail it once it has used its attempts.
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
+local heartbeat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at'))
+if heartbeat and heartbeat > tonumber(ARGV[1]) and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
+  return -1
+end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
+redis.call('SREM', KEYS[2], ARGV[3])
+if attempt >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[4], 'reason', 'worker_lost',
+             'error', 'This job stopped its worker ' .. attempt ..
+             ' times (killed or crashed mid-render), so it was not run again. Try a smaller size or fewer images.')
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', attempt + 1)
+-- Back at its original place in the queue, not behind everything submitted since.
+redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'submitted_at'), ARGV[3])
+return attempt + 1
+"""
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    state: str
+    options: dict[str, Any]
+    client: str
+    owner: str
+    attempt: int
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    error: str | None = None
+    reason: str | None = None
+    cancel_requested: bool = False
+
+
+@dataclass
+class JobResult:
+    """What a finished job produced: its metadata and the PNG bytes of each image that passed."""
+
+    meta: dict[str, Any]
+    images: list[bytes] = field(default_factory=list)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+def _number(value: bytes | None) -> float | None:
+    return float(value) if value not in (None, b"") else None
+
+
+class JobStore:
+    def __init__(self, redis_client: redis.Redis, prefix: str, ttl_s: int) -> None:
+        self.redis = redis_client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._claim = redis_client.register_script(_CLAIM)
+        self._finish = redis_client.register_script(_FINISH)
+        self._cancel = redis_client.register_script(_CANCEL)
+        self._requeue = redis_client.register_script(_REQUEUE)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str, ttl_s: int) -> JobStore:
+        return cls(redis.Redis.from_url(url, health_check_interval=30), prefix, ttl_s)
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [self.key("job", job_id), self.key("job", job_id, "events"), self.key("job", job_id, "result")]
+
+    def _touch(self, pipe: redis.client.Pipeline, job_id: str) -> None:
+        for key in self._job_keys(job_id):
+            pipe.expire(key, self.ttl_s)
+
+    # Submission and queue -------------------------------------------------------------------
+
+    def create(self, job_id: str, options: dict[str, Any], client: str, owner: str, max_queued: int) -> int | None:
+        """Record a queued job and return its position (1 = next), or None when the queue is full."""
+        pending = self.key("pending")
+        now = time.time()
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(pending)
+                    if pipe.zcard(pending) >= max_queued:
+                        pipe.unwatch()
+                        return None
+                    pipe.multi()
+                    pipe.hset(
+                        self.key("job", job_id),
+                        mapping={
+                            "state": "queued",
+                            "options": json.dumps(options),
+                            "client": client,
+                            "owner": owner,
+                            "attempt": 1,
+                            "submitted_at": now,
+                        },
+                    )
+                    pipe.zadd(pending, {job_id: now})
+                    self._touch(pipe, job_id)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        return self.position(job_id)
+
+    def position(self, job_id: str) -> int | None:
+        rank = self.redis.zrank(self.key("pending"), job_id)
+        return None if rank is None else rank + 1
+
+    def queue_length(self) -> int:
+        return self.redis.zcard(self.key("pending"))
+
+    def pending_for_owner(self, owner: str) -> list[str]:
+        ids = [member.decode() for member in self.redis.zrange(self.key("pending"), 0, -1)]
+        running = [member.decode() for member in self.redis.smembers(self.key("running"))]
+        return [job_id for job_id in ids + running if self.redis.hget(self.key("job", job_id), "owner") == owner.encode()]
+
+    def running_jobs(self) -> list[str]:
+        return sorted(member.decode() for member in self.redis.smembers(self.key("running")))
+
+    # Job life ---------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(self.key("job", job_id))
+        if not raw:
+            return None
+        return JobRecord(
+            job_id=job_id,
+            state=raw[b"state"].decode(),
+            options=json.loads(raw[b"options"]),
+            client=raw.get(b"client", b"").decode(),
+            owner=raw.get(b"owner", b"").decode(),
+            attempt=int(raw[b"attempt"]),
+            submitted_at=float(raw[b"submitted_at"]),
+            started_at=_number(raw.get(b"started_at")),
+            finished_at=_number(raw.get(b"finished_at")),
+            worker=_text(raw.get(b"worker")),
+            error=_text(raw.get(b"error")) or None,
+            reason=_text(raw.get(b"reason")) or None,
+            cancel_requested=raw.get(b"cancel_requested") == b"1",
+        )
+
+    def claim(self, job_id: str, attempt: int, worker: str) -> str:
+        """'ok' when this worker now runs the job; otherwise why not ('stale', 'cancelled', 'done', ...)."""
+        keys = [self.key("job", job_id), self.key("pending"), self.key("running")]
+        return self._claim(keys=keys, args=[attempt, worker, time.time(), job_id]).decode()
+
+    def heartbeat(self, job_id: str) -> None:
+        self.redis.hset(self.key("job", job_id), "heartbeat_at", time.time())
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self.key("job", job_id), "cancel_requested") == b"1"
+
+    def finish(
+        self, job_id: str, attempt: int, state: str, error: str = "", reason: str = "", client: str = ""
+    ) -> bool:
+        keys = [self.key("job", job_id), self.key("running"), self.key("finished", client)]
+        args = [attempt, state, time.time(), error, reason, job_id]
+        return bool(self._finish(keys=keys, args=args))
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a queued job ('cancelled'), ask a running one to stop ('cancelling'), or say its state."""
+        record = self.get(job_id)
+        client = record.client if record else ""
+        keys = [self.key("job", job_id), self.key("pending"), self.key("finished", client)]
+        outcome = self._cancel(keys=keys, args=[time.time(), job_id]).decode()
+        if outcome == "cancelled":
+            self.append_event(job_id, {"type": "cancelled", "message": "Cancelled while queued."})
+        return outcome
+
+    def requeue_if_dead(self, job_id: str, dead_before: float, max_attempts: int, dead_worker: str = "") -> int:
+        """Requeue a running job whose heartbeat is older than `dead_before` (or whose worker is
+        `dead_worker`). Returns the new attempt, 0 when it has failed for good, -1 when it was alive."""
+        record = self.get(job_id)
+        client = record.client if record else ""
+        keys = [
+            self.key("job", job_id),
+            self.key("running"),
+            self.key("finished", client),
+            self.key("pending"),
+        ]
+        return int(self._requeue(keys=keys, args=[dead_before, max_attempts, job_id, time.time(), dead_worker]))
+
+    # Events -----------------------------------------------------------------------------------
+
+    def append_event(self, job_id: str, event: dict[str, Any]) -> None:
+        event = {"job_id": job_id, "ts": time.time(), **event}
+        with self.redis.pipeline() as pipe:
+            pipe.xadd(self.key("job", job_id, "events"), {"event": json.dumps(event)}, maxlen=2000, approximate=True)
+            self._touch(pipe, job_id)
+            pipe.execute()
+
+    def read_events(self, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, dict]]:
+        """Events after the stream id `after`, waiting up to `block_ms` for the first one."""
+        answer = self.redis.xread({self.key("job", job_id, "events"): after}, block=block_ms, count=100)
+        if not answer:
+            return []
+        return [(entry_id.decode(), json.loads(fields[b"event"])) for entry_id, fields in answer[0][1]]
+
+    def follow(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
+        """Yield the job's events in order until a terminal one; while queued, a fresh `queued` event
+        is yielded each time the job's position in the queue changes."""
+        last_id = "0"
+        last_position = None
+        while True:
+            for entry_id, event in self.read_events(job_id, last_id, block_ms=int(poll_s * 1000)):
+                last_id = entry_id
+                if event["type"] == "queued":
+                    last_position = event.get("position")
+                yield event
+                if event["type"] in TERMINAL_EVENTS:
+                    return
+            position = self.position(job_id)
+            if position is not None and last_position is not None and position != last_position:
+                last_position = position
+                yield {"type": "queued", "job_id": job_id, "ts": time.time(), "position": position}
+            if self.get(job_id) is None:
+                raise LookupError(f"job {job_id} is unknown or has expired")
+
+    # Results ----------------------------------------------------------------------------------
+
+    def save_result(self, job_id: str, result: JobResult) -> None:
+        key = self.key("job", job_id, "result")
+        with self.redis.pipeline() as pipe:
+            pipe.delete(key)
+            mapping: dict[str, Any] = {"meta": json.dumps(result.meta)}
+            mapping.update({f"png:{index}": png for index, png in enumerate(result.images)})
+            pipe.hset(key, mapping=mapping)
+            self._touch(pipe, job_id)
+            pipe.execute()
+
+    def load_result(self, job_id: str) -> JobResult | None:
+        raw = self.redis.hgetall(self.key("job", job_id, "result"))
+        if not raw:
+            return None
+        images = [raw[f"png:{index}".encode()] for index in range(len(raw) - 1)]
+        return JobResult(meta=json.loads(raw[b"meta"]), images=images)
+
+    def undelivered(self, client: str) -> list[str]:
+        return [member.decode() for member in self.redis.zrange(self.key("finished", client), 0, -1)]
+
+    def confirm_delivery(self, job_id: str) -> bool:
+        """Forget a finished job's result once its front end has delivered it. True for the first caller
+        only, so two front ends (or a restarted one) never deliver the same job twice."""
+        record = self.get(job_id)
+        if record is None:
+            return False
+        removed = self.redis.zrem(self.key("finished", record.client), job_id)
+        if removed:
+            self.redis.delete(self.key("job", job_id, "result"))
+        return bool(removed)
+
+    # Workers and statistics -------------------------------------------------------------------
+
+    def record_render_time(self, seconds: float) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(self.key("render_times"), f"{seconds:.3f}")
+            pipe.ltrim(self.key("render_times"), 0, RENDER_TIMES_KEPT - 1)
+            pipe.execute()
+
+    def recent_render_times(self) -> list[float]:
+        return [float(value) for value in self.redis.lrange(self.key("render_times"), 0, -1)]
+
+    def publish_worker(self, name: str, status: dict[str, Any]) -> None:
+        self.redis.hset(self.key("workers"), name, json.dumps({**status, "heartbeat_at": time.time()}))
+
+    def remove_worker(self, name: str) -> None:
+        self.redis.hdel(self.key("workers"), name)
+
+    def workers(self, alive_within_s: float) -> dict[str, dict[str, Any]]:
+        """Workers whose last heartbeat is recent enough to count them as online."""
+        now = time.time()
+        statuses = {name.decode(): json.loads(raw) for name, raw in self.redis.hgetall(self.key("workers")).items()}
+        return {name: status for name, status in statuses.items() if now - status["heartbeat_at"] <= alive_within_s}
+
+    def request_reload(self, adapter: str | None) -> str:
+        """Record a reload of one adapter (None: all); returns the request id the answers are filed under."""
+        entry = {"adapter": adapter or "*", "requested_at": time.time()}
+        return self.redis.xadd(self.key("reloads"), {"request": json.dumps(entry)}, maxlen=1000).decode()
+
+    def reload_requests_after(self, request_id: str) -> list[tuple[str, dict[str, Any]]]:
+        entries = self.redis.xrange(self.key("reloads"), min=f"({request_id}" if request_id != "0" else "-")
+        return [(entry_id.decode(), json.loads(fields[b"request"])) for entry_id, fields in entries]
+
+    def latest_reload_request(self) -> str:
+        entries = self.redis.xrevrange(self.key("reloads"), count=1)
+        return entries[0][0].decode() if entries else "0"
+
+    def answer_reload(self, request_id: str, worker: str, answers: list[dict[str, Any]]) -> None:
+        key = self.key("reload", request_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, worker, json.dumps(answers))
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()
+
+    def reload_answers(self, request_id: str) -> dict[str, list[dict[str, Any]]]:
+        raw = self.redis.hgetall(self.key("reload", request_id))
+        return {worker.decode(): json.loads(answers) for worker, answers in raw.items()}

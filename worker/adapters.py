@@ -1,0 +1,282 @@
+"""LoRA adapters in LORA_DIR: finding, reading, checking and hot-swapping them in a loaded pipeline.
+
+Three layouts are read, detected by their tensor names rather than their file names:
+  - PEFT (`adapter_model.safetensors` + `adapter_config.json`, keys under `base_model.model.`), the
+    format the seed project and our trainer write. Stock `load_lora_weights` loads nothing from it and
+    raises nothing, so its keys are rewritten to diffusers' and its alpha folded into the weights.
+  - diffusers (`pytorch_lora_weights.safetensors`, keys under `unet.` / `text_encoder.`).
+  - kohya / A1111 (one `.safetensors` file, keys `lora_unet_...` / `lora_te_...`).
+Whatever the layout, a load counts the modules that actually received LoRA weights and refuses the
+adapter when any tensor found no module: an adapter for another base model never half-applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from imagine.contract import ADAPTER_NAME_PATTERN, NO_ADAPTER
+
+logger = logging.getLogger(__name__)
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PEFT_PREFIX = "base_model.model."
+# The key of each LoRA's down (A) matrix in each layout: one per adapted module.
+_DOWN_KEY = re.compile(r"(\.lora_A\.weight|\.lora\.down\.weight|\.lora_down\.weight)$")
+
+
+class AdapterError(RuntimeError):
+    """An adapter was refused; the message says what is wrong with it and what still serves."""
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    name: str
+    weights: Path
+    config: Path | None
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    name: str
+    layout: str
+    version: str
+    """First 12 hex digits of the SHA-256 of the files: the same files give the same version everywhere."""
+    state_dict: dict[str, torch.Tensor]
+    modules: int
+    """How many modules the adapter's tensors adapt."""
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    internal_name: str
+    layout: str
+    version: str
+    modules: int
+    loaded_at: float
+
+
+def _inside(root: Path, path: Path, name: str) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise AdapterError(f"adapter {name!r} points outside LORA_DIR ({resolved}); links out of it are refused")
+    return resolved
+
+
+def locate_adapter(lora_dir: Path, name: str) -> AdapterFiles:
+    """The files of adapter `name`: a folder `LORA_DIR/name/` or a file `LORA_DIR/name.safetensors`."""
+    if not ADAPTER_NAME_PATTERN.match(name) or name == NO_ADAPTER:
+        raise AdapterError(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-'; no paths)")
+    root = lora_dir.resolve()
+    folder, single_file = lora_dir / name, lora_dir / f"{name}.safetensors"
+    if single_file.is_file():
+        return AdapterFiles(name, _inside(root, single_file, name), None)
+    if not folder.is_dir():
+        pickles = [p.name for p in lora_dir.glob(f"{name}.*") if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise _pickle_refusal(name, pickles)
+        raise AdapterError(f"adapter {name!r} not found in {lora_dir} (no folder {name}/ nor file {name}.safetensors)")
+    folder = _inside(root, folder, name)
+    if (folder / PEFT_WEIGHTS).is_file():
+        config = folder / PEFT_CONFIG
+        if not config.is_file():
+            raise AdapterError(f"adapter {name!r} has {PEFT_WEIGHTS} but no {PEFT_CONFIG} beside it")
+        return AdapterFiles(name, _inside(root, folder / PEFT_WEIGHTS, name), _inside(root, config, name))
+    if (folder / DIFFUSERS_WEIGHTS).is_file():
+        return AdapterFiles(name, _inside(root, folder / DIFFUSERS_WEIGHTS, name), None)
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return AdapterFiles(name, _inside(root, candidates[0], name), None)
+    if len(candidates) > 1:
+        raise AdapterError(
+            f"adapter {name!r} holds several .safetensors files ({', '.join(p.name for p in candidates)}); "
+            "keep one per adapter folder"
+        )
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise _pickle_refusal(name, pickles)
+    raise AdapterError(f"adapter {name!r} has no .safetensors weights in {folder}")
+
+
+def _pickle_refusal(name: str, files: list[str]) -> AdapterError:
+    return AdapterError(
+        f"adapter {name!r} is a pickle file ({', '.join(files)}): loading pickle can run arbitrary code, so only "
+        "safetensors are accepted. Convert it where you trust it, e.g. "
+        "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter.safetensors')`."
+    )
+
+
+def list_adapters(lora_dir: Path) -> list[str]:
+    """Names of the adapters in LORA_DIR (hidden entries, such as a trainer's half-written folder, skipped)."""
+    if not lora_dir.is_dir():
+        return []
+    names = set()
+    for entry in lora_dir.iterdir():
+        if entry.name.startswith("."):
+            continue
+        name = entry.name.removesuffix(".safetensors") if entry.is_file() else entry.name
+        if (entry.is_dir() or entry.suffix == ".safetensors") and ADAPTER_NAME_PATTERN.match(name):
+            names.add(name)
+    return sorted(names)
+
+
+def _peft_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rewrite PEFT keys for diffusers and fold PEFT's alpha / r scaling into the up (B) matrices."""
+    alpha_pattern = config.get("alpha_pattern") or {}
+    converted = {}
+    for key, tensor in state_dict.items():
+        module_key = key.removeprefix(PEFT_PREFIX)
+        if module_key.endswith(".lora_B.weight"):
+            module = module_key.removesuffix(".lora_B.weight")
+            rank = tensor.shape[1]
+            alpha = next(
+                (value for pattern, value in alpha_pattern.items() if re.match(rf"(.*\.)?({pattern})$", module)),
+                config.get("lora_alpha", rank),
+            )
+            scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            tensor = tensor * scaling
+        converted[f"unet.{module_key}"] = tensor
+    return converted
+
+
+def read_adapter(files: AdapterFiles) -> AdapterWeights:
+    """Read and check an adapter's files without touching the pipeline (it may be rendering)."""
+    digest = hashlib.sha256()
+    try:
+        raw = files.weights.read_bytes()
+        config_bytes = files.config.read_bytes() if files.config is not None else b""
+    except OSError as error:
+        raise AdapterError(f"adapter {files.name!r} could not be read: {error}") from error
+    digest.update(raw)
+    digest.update(config_bytes)
+    try:
+        state_dict = load_safetensors(raw)
+    except SafetensorError as error:
+        raise AdapterError(
+            f"adapter {files.name!r} is not a valid safetensors file ({files.weights.name}: {error}); "
+            "it may be truncated or corrupted"
+        ) from error
+    try:
+        config = json.loads(config_bytes) if files.config is not None else None
+    except ValueError as error:
+        raise AdapterError(f"adapter {files.name!r} has an unreadable {PEFT_CONFIG}: {error}") from error
+    if not state_dict:
+        raise AdapterError(f"adapter {files.name!r} holds no tensors")
+
+    keys = list(state_dict)
+    if any(key.startswith(PEFT_PREFIX) for key in keys):
+        if config is None:
+            raise AdapterError(f"adapter {files.name!r} has PEFT keys but no {PEFT_CONFIG} to give its alpha")
+        layout, state_dict = "peft", _peft_to_diffusers(state_dict, config)
+    elif any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for key in keys):
+        layout = "kohya"
+    elif any(key.startswith(("unet.", "text_encoder.")) for key in keys):
+        layout = "diffusers"
+    else:
+        raise AdapterError(
+            f"adapter {files.name!r} is in no known LoRA layout (first key: {keys[0]!r}); expected PEFT "
+            f"({PEFT_PREFIX}...), diffusers (unet....) or kohya (lora_unet_...) keys"
+        )
+    modules = sum(1 for key in state_dict if _DOWN_KEY.search(key))
+    if modules == 0:
+        raise AdapterError(f"adapter {files.name!r} holds no LoRA matrices (first key: {keys[0]!r})")
+    return AdapterWeights(files.name, layout, digest.hexdigest()[:12], state_dict, modules)
+
+
+def _adapted_modules(pipe, internal_name: str) -> int:
+    count = 0
+    for model in (pipe.unet, pipe.text_encoder):
+        for module in model.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if lora_a is not None and internal_name in lora_a:
+                count += 1
+    return count
+
+
+class AdapterRegistry:
+    """The adapters loaded in one pipeline, by name, each with the version it was loaded from.
+
+    Loading a new version goes under a fresh internal name next to the old one; only when it is
+    checked does it replace the old one. A refused version therefore leaves the previous one serving.
+    All calls happen on the worker's job thread, between jobs, so a running job is never disturbed.
+    """
+
+    def __init__(self, pipe, lora_dir: Path) -> None:
+        self.pipe = pipe
+        self.lora_dir = lora_dir
+        self._loaded: dict[str, LoadedAdapter] = {}
+        self._serial = 0
+
+    @property
+    def loaded(self) -> dict[str, LoadedAdapter]:
+        return dict(self._loaded)
+
+    def load(self, name: str) -> LoadedAdapter:
+        """Load (or reload) adapter `name` from LORA_DIR. Raises AdapterError; the old version then stays."""
+        weights = read_adapter(locate_adapter(self.lora_dir, name))
+        current = self._loaded.get(name)
+        if current is not None and current.version == weights.version:
+            return current
+        self._serial += 1
+        internal_name = f"adapter{self._serial}"
+        try:
+            self.pipe.load_lora_weights(weights.state_dict, adapter_name=internal_name)
+        except (RuntimeError, ValueError, KeyError) as error:
+            self._discard(internal_name)
+            detail = str(error).strip().splitlines()
+            raise AdapterError(
+                f"adapter {name!r} does not fit the base model ({detail[0] if detail else type(error).__name__}"
+                f"{' ...' if len(detail) > 1 else ''}); it was probably trained for another base model"
+                + self._still_serving(name)
+            ) from error
+        adapted = _adapted_modules(self.pipe, internal_name)
+        if adapted != weights.modules:
+            self._discard(internal_name)
+            raise AdapterError(
+                f"adapter {name!r} does not fit the base model: only {adapted} of its {weights.modules} LoRA "
+                "modules match a module of this model; it was probably trained for another base model"
+                + self._still_serving(name)
+            )
+        if current is not None:
+            self._discard(current.internal_name)
+        loaded = LoadedAdapter(name, internal_name, weights.layout, weights.version, adapted, time.time())
+        self._loaded[name] = loaded
+        logger.info("adapter %s version %s loaded (%s layout, %d modules)", name, loaded.version, loaded.layout, adapted)
+        return loaded
+
+    def _still_serving(self, name: str) -> str:
+        current = self._loaded.get(name)
+        return f"; version {current.version} keeps serving" if current else ""
+
+    def _discard(self, internal_name: str) -> None:
+        present = {name for names in self.pipe.get_list_adapters().values() for name in names}
+        if internal_name in present:
+            self.pipe.delete_adapters(internal_name)
+
+    def activate(self, name: str | None, scale: float) -> None:
+        """Make the next render use adapter `name` at `scale`, or the base model alone for None."""
+        if name is None:
+            if self._loaded:
+                self.pipe.disable_lora()
+            return
+        adapter = self._loaded.get(name)
+        if adapter is None:
+            raise AdapterError(
+                f"adapter {name!r} is not loaded on this worker; available: {', '.join(self._loaded) or 'none'}"
+            )
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([adapter.internal_name], [scale])

@@ -1,0 +1,62 @@
+"""The worker's Celery application: `celery -A worker worker` loads the model once, then serves jobs.
+
+The model loads in `worker_init`, in the one process that runs the jobs (the solo pool): never in a
+parent that forks, since CUDA does not survive a fork, and not in `worker_process_init`, whose 4 s
+limit is far too short to load Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.worker.control import control_command
+
+from imagine.queue import RELOAD_COMMAND, make_celery
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+settings = WorkerSettings()
+app = make_celery(settings, main="worker")
+app.conf.include = ["worker.tasks"]
+
+_service = None
+
+
+def service():
+    """The process's generation service, loaded at worker start."""
+    if _service is None:
+        raise RuntimeError("the generation service is not loaded: jobs run only in a started worker")
+    return _service
+
+
+@worker_init.connect
+def _load_service(sender, **_) -> None:
+    global _service
+    pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls))
+    if not pool.endswith("solo"):
+        raise RuntimeError(
+            f"this worker must run with --pool solo (got {pool}): one process holds the model and the GPU"
+        )
+    from worker.service import GenerationService
+
+    _service = GenerationService.start(settings, sender.hostname, app)
+
+
+@worker_ready.connect
+def _start_janitor(**_) -> None:
+    service().start_janitor()
+
+
+@worker_shutdown.connect
+def _stop_service(**_) -> None:
+    if _service is not None:
+        _service.stop()
+
+
+@control_command(name=RELOAD_COMMAND)
+def _sync_adapters(state) -> dict:
+    # Runs in the worker's main thread, between jobs: the solo pool delays it behind a running job.
+    service().sync_adapters()
+    return {"ok": True}

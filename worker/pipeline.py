@@ -1,0 +1,190 @@
+"""Loading the base Stable Diffusion pipeline: a hub id, a local diffusers folder, or the built-in `tiny`.
+
+`tiny` is a pipeline of the same classes as SD v1-4 with small dimensions and fixed random weights.
+It is built once, saved with `save_pretrained` and loaded back through `from_pretrained`, the path a
+real model takes, so demos and tests run offline and exercise the real loading code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny"
+TINY_FORMAT_VERSION = 1
+"""Bumped whenever the tiny model's config changes, so an old saved copy is rebuilt."""
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+
+def choose_placement(device: str, dtype: str) -> Placement:
+    """`auto` means CUDA in fp16 when a GPU is present, else CPU in fp32 (fp16 on CPU is slow or broken)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"DEVICE={device} but no CUDA GPU is visible; set DEVICE=cpu or DEVICE=auto.")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return Placement(torch.device(device), getattr(torch, dtype))
+
+
+def _byte_level_vocabulary() -> dict[str, int]:
+    # CLIP's tokenizer maps bytes to printable characters and marks a word's last symbol with </w>;
+    # without merges, every byte is a token, which is all a random-weight model needs.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    symbols = [chr(b) for b in printable]
+    symbols += [chr(256 + n) for n in range(256 - len(printable))]
+    vocabulary = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols:
+        vocabulary[symbol] = len(vocabulary)
+    for symbol in symbols:
+        vocabulary[symbol + "</w>"] = len(vocabulary)
+    return vocabulary
+
+
+def build_tiny_pipeline(
+    seed: int = 0,
+    unet_channels: tuple[int, ...] = (32, 64),
+    text_hidden_size: int = 32,
+    vae_channels: tuple[int, ...] = (16, 16, 32, 32),
+):
+    """A StableDiffusionPipeline of SD v1-4's classes with small dimensions and seeded random weights."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=unet_channels,
+        layers_per_block=1,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=vae_channels,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=512,
+    )
+    # Same schedule as SD v1-4's scheduler_config.json.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=text_hidden_size,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=514,
+            max_position_embeddings=77,
+        )
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(_byte_level_vocabulary()))
+        merges_file.write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def ensure_tiny_model(cache_dir: Path) -> Path:
+    """The saved tiny model's folder, built and written atomically on first use."""
+    folder = cache_dir / f"tiny-sd-v{TINY_FORMAT_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=cache_dir))
+    try:
+        build_tiny_pipeline().save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():  # another process did not win the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def resolve_base_model(base_model: str, cache_dir: Path) -> str:
+    """The folder or hub id `from_pretrained` should load."""
+    if base_model == TINY:
+        return str(ensure_tiny_model(cache_dir))
+    path = Path(base_model).expanduser()
+    if path.exists() or base_model.startswith((".", "/", "~")):
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"BASE_MODEL={base_model} is not a diffusers pipeline folder (no model_index.json in it). "
+                "Point it at a folder written by save_pretrained or downloaded from the hub."
+            )
+        return str(path)
+    return base_model
+
+
+def load_pipeline(base_model: str, placement: Placement, cache_dir: Path, safety_checker: bool):
+    """Load the pipeline once, on its device. The safety checker follows the model folder unless disabled."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_base_model(base_model, cache_dir)
+    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=placement.dtype, **extra)
+    except (OSError, ValueError) as error:
+        if os.path.isdir(source):
+            raise ModelLoadError(f"Could not load the base model from {source}: {error}") from error
+        raise ModelLoadError(
+            f"Could not load the base model '{base_model}' from the Hugging Face Hub ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Without hub access, download it where the hub "
+            f"is reachable (`huggingface-cli download {base_model} --local-dir sd-v1-4`), copy the folder here "
+            "and set BASE_MODEL to that folder; or set BASE_MODEL=tiny for the offline demo model."
+        ) from error
+    pipe = pipe.to(placement.device)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info(
+        "loaded base model %s on %s (%s), safety checker %s",
+        base_model,
+        placement.device,
+        placement.dtype,
+        "on" if pipe.safety_checker is not None else "off",
+    )
+    return pipe

@@ -1,0 +1,322 @@
+"""The generation service of one worker process: a job's life around the renderer, and adapter reloads.
+
+The Celery task is only the transport: it hands `run_job` the job id, options and attempt number.
+Here the job is claimed (so a stale or duplicate delivery does nothing), validated again, rendered
+with throttled progress events, stored with its metadata, and finished exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+from celery import Celery
+
+from imagine.contract import JobRejected, parse_job_options
+from imagine.queue import send_job
+from imagine.store import JobResult, JobStore
+from worker.adapters import AdapterError, AdapterRegistry, list_adapters
+from worker.pipeline import choose_placement, load_pipeline
+from worker.renderer import JobInterrupted, Renderer, free_memory, is_out_of_memory, latent_preview
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationService:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        store: JobStore,
+        renderer: Renderer,
+        adapters: AdapterRegistry,
+        worker_name: str,
+        app: Celery,
+        device: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.renderer = renderer
+        self.adapters = adapters
+        self.worker_name = worker_name
+        self.app = app
+        self.device = device
+        self.current_job: str | None = None
+        self.jobs_done = 0
+        self.adapter_errors: dict[str, str] = {}
+        # Reload requests up to this one are reflected in what is loaded.
+        self._reload_cursor = store.latest_reload_request()
+        self._stop = threading.Event()
+        self._janitor: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, settings: WorkerSettings, worker_name: str, app: Celery) -> GenerationService:
+        """Load the model and every adapter once, warm up, and take over jobs this worker left running."""
+        placement = choose_placement(settings.device, settings.dtype)
+        pipe = load_pipeline(settings.base_model, placement, settings.model_cache_dir, settings.safety_checker)
+        adapters = AdapterRegistry(pipe, settings.lora_dir)
+        renderer = Renderer(pipe, adapters, settings.default_adapter, settings.allow_safety_checker_off)
+        store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
+        service = cls(settings, store, renderer, adapters, worker_name, app, str(placement.device))
+        service.reload(list_adapters(settings.lora_dir))
+        if settings.warmup_steps:
+            service.warm_up()
+        # A job still marked running under this worker's name died with its previous process.
+        service.requeue_dead_jobs(dead_worker=worker_name)
+        return service
+
+    def warm_up(self) -> None:
+        started = time.perf_counter()
+        options = parse_job_options(
+            {"prompt": "warm-up", "num_inference_steps": self.settings.warmup_steps, "adapter": "none", "seed": 0},
+            self.settings.limits,
+        )
+        self.renderer.render(options)
+        logger.info("warmed up in %.2f s", time.perf_counter() - started)
+
+    # Adapters --------------------------------------------------------------------------------
+
+    def reload(self, names: list[str]) -> list[dict[str, Any]]:
+        """Load each named adapter's current files; each answer says ok with its version, or the error."""
+        answers = []
+        for name in names:
+            previous = self.adapters.loaded.get(name)
+            started = time.perf_counter()
+            answer: dict[str, Any] = {"worker": self.worker_name, "adapter": name}
+            try:
+                loaded = self.adapters.load(name)
+                answer.update(ok=True, version=loaded.version, layout=loaded.layout)
+                self.adapter_errors.pop(name, None)
+            except AdapterError as error:
+                logger.error("adapter %s refused: %s", name, error)
+                answer.update(ok=False, error=str(error), version=previous.version if previous else None)
+                self.adapter_errors[name] = str(error)
+            answer["previous_version"] = previous.version if previous else None
+            answer["seconds"] = round(time.perf_counter() - started, 4)
+            answers.append(answer)
+        return answers
+
+    def sync_adapters(self) -> None:
+        """Apply every reload request recorded since the last sync and file this worker's answers.
+
+        Called by the reload control command (idle worker) and before every job (a worker that was busy,
+        or disconnected, catches up before it renders anything else)."""
+        requests = self.store.reload_requests_after(self._reload_cursor)
+        if not requests:
+            return
+        wanted = {request["adapter"] for _, request in requests}
+        names = (
+            sorted(set(self.adapters.loaded) | set(list_adapters(self.settings.lora_dir)))
+            if "*" in wanted
+            else sorted(wanted)
+        )
+        answers = {answer["adapter"]: answer for answer in self.reload(names)}
+        for request_id, request in requests:
+            mine = list(answers.values()) if request["adapter"] == "*" else [answers[request["adapter"]]]
+            self.store.answer_reload(request_id, self.worker_name, mine)
+        self._reload_cursor = requests[-1][0]
+
+    # Jobs ------------------------------------------------------------------------------------
+
+    def run_job(self, job_id: str, options: dict[str, Any], attempt: int) -> dict[str, Any]:
+        self.sync_adapters()
+        self.current_job = job_id  # before the claim, so the janitor never takes it for a dead worker's
+        try:
+            outcome = self.store.claim(job_id, attempt, self.worker_name)
+            if outcome != "ok":
+                logger.info("job %s attempt %d skipped: %s", job_id, attempt, outcome)
+                return {"job_id": job_id, "state": f"skipped ({outcome})"}
+            return self._run_claimed(job_id, options, attempt)
+        finally:
+            self.current_job = None
+
+    def _run_claimed(self, job_id: str, raw_options: dict[str, Any], attempt: int) -> dict[str, Any]:
+        record = self.store.get(job_id)
+        client = record.client if record else ""
+        try:
+            options = parse_job_options(raw_options, self.settings.limits)
+        except JobRejected as error:
+            return self._fail(job_id, attempt, client, "rejected", f"Refused: {error}")
+
+        try:
+            adapter = self.renderer.resolve_adapter(options)
+            warnings = self.renderer.prompt_warnings(options)
+        except AdapterError as error:
+            return self._fail(job_id, attempt, client, "adapter", str(error))
+        self.store.append_event(
+            job_id,
+            {
+                "type": "started",
+                "worker": self.worker_name,
+                "attempt": attempt,
+                "adapter": adapter,
+                "seeds": options.seeds,
+                "warnings": warnings,
+            },
+        )
+
+        started = time.monotonic()
+        last_event = last_preview = 0.0
+
+        def on_step(step: int, total: int, latents) -> None:
+            nonlocal last_event, last_preview
+            now = time.monotonic()
+            if now - started > self.settings.job_time_limit_s:
+                raise JobInterrupted(
+                    "timeout",
+                    f"The job took longer than {self.settings.job_time_limit_s:g} s and was stopped; "
+                    "try fewer steps, a smaller size or fewer images.",
+                )
+            if step < total and now - last_event < self.settings.progress_interval_s:
+                return
+            last_event = now
+            if self.store.cancel_requested(job_id):
+                raise JobInterrupted("cancelled", "Cancelled while rendering.")
+            event: dict[str, Any] = {"type": "step", "step": step, "total": total}
+            if self.settings.preview_interval_s and now - last_preview >= self.settings.preview_interval_s:
+                preview = latent_preview(latents)
+                if preview is not None:
+                    last_preview = now
+                    event["preview_png"] = base64.b64encode(preview).decode()
+            self.store.append_event(job_id, event)
+
+        try:
+            output = self.renderer.render(options, on_step)
+        except JobInterrupted as interrupted:
+            if interrupted.reason == "cancelled":
+                self.store.finish(job_id, attempt, "cancelled", client=client)
+                self.store.append_event(job_id, {"type": "cancelled", "message": str(interrupted)})
+                return {"job_id": job_id, "state": "cancelled"}
+            return self._fail(job_id, attempt, client, interrupted.reason, str(interrupted))
+        except (AdapterError, JobRejected) as error:
+            return self._fail(job_id, attempt, client, "adapter", str(error))
+        except Exception as error:
+            if is_out_of_memory(error):
+                free_memory()
+                return self._fail(
+                    job_id,
+                    attempt,
+                    client,
+                    "out_of_memory",
+                    f"The worker ran out of memory rendering {options.num_images_per_prompt} image(s) of "
+                    f"{options.width}×{options.height}; try fewer images or a smaller size.",
+                )
+            logger.exception("job %s failed", job_id)
+            return self._fail(
+                job_id, attempt, client, "internal", f"The worker hit an unexpected error ({type(error).__name__})."
+            )
+
+        record = self.store.get(job_id)
+        queue_wait_s = (record.started_at or record.submitted_at) - record.submitted_at if record else None
+        meta = {
+            "job_id": job_id,
+            **options.model_dump(exclude={"seed", "adapter"}),
+            "seeds": output.seeds,
+            "adapter": output.adapter,
+            "adapter_version": output.adapter_version,
+            "scheduler": output.scheduler,
+            "base_model": self.settings.base_model,
+            "images": [
+                {"index": index, "seed": seed, "withheld": png is None}
+                for index, (seed, png) in enumerate(zip(output.seeds, output.images, strict=True))
+            ],
+            "worker": self.worker_name,
+            "device": self.device,
+            "attempt": attempt,
+            "queue_wait_s": round(queue_wait_s, 3) if queue_wait_s is not None else None,
+            "render_s": round(output.render_s, 3),
+            "warnings": output.warnings,
+        }
+        self.store.save_result(job_id, JobResult(meta=meta, images=[png for png in output.images if png is not None]))
+        if not self.store.finish(job_id, attempt, "done", client=client):
+            logger.warning("job %s attempt %d finished after it was taken over; result not announced", job_id, attempt)
+            return {"job_id": job_id, "state": "superseded"}
+        self.store.record_render_time(output.render_s)
+        self.jobs_done += 1
+        self.store.append_event(
+            job_id,
+            {
+                "type": "done",
+                "worker": self.worker_name,
+                "images": len(output.images),
+                "withheld": sum(png is None for png in output.images),
+                "render_s": meta["render_s"],
+                "queue_wait_s": meta["queue_wait_s"],
+                "warnings": output.warnings,
+            },
+        )
+        logger.info("job %s done in %.2f s on %s", job_id, output.render_s, self.worker_name)
+        return {"job_id": job_id, "state": "done", "render_s": meta["render_s"]}
+
+    def _fail(self, job_id: str, attempt: int, client: str, reason: str, message: str) -> dict[str, Any]:
+        logger.warning("job %s failed (%s): %s", job_id, reason, message)
+        if self.store.finish(job_id, attempt, "failed", error=message, reason=reason, client=client):
+            self.store.append_event(job_id, {"type": "failed", "reason": reason, "message": message})
+        return {"job_id": job_id, "state": "failed", "reason": reason}
+
+    # Liveness --------------------------------------------------------------------------------
+
+    def requeue_dead_jobs(self, dead_worker: str = "") -> None:
+        """Run again the jobs whose worker stopped sending heartbeats, or fail those out of attempts."""
+        dead_before = time.time() - self.settings.worker_dead_after_s
+        for job_id in self.store.running_jobs():
+            if job_id == self.current_job:
+                continue
+            attempt = self.store.requeue_if_dead(job_id, dead_before, self.settings.max_job_attempts, dead_worker)
+            if attempt < 0:
+                continue
+            record = self.store.get(job_id)
+            if record is None:
+                continue
+            if attempt == 0:
+                logger.error("job %s failed for good: %s", job_id, record.error)
+                self.store.append_event(job_id, {"type": "failed", "reason": "worker_lost", "message": record.error})
+                continue
+            logger.warning("job %s lost its worker; queued again as attempt %d", job_id, attempt)
+            self.store.append_event(
+                job_id,
+                {
+                    "type": "queued",
+                    "position": self.store.position(job_id),
+                    "message": "Its worker stopped; the job was queued again.",
+                },
+            )
+            send_job(self.app, job_id, record.options, attempt)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "base_model": self.settings.base_model,
+            "default_adapter": self.settings.default_adapter or None,
+            "adapters": {name: asdict(adapter) for name, adapter in self.adapters.loaded.items()},
+            "adapter_errors": dict(self.adapter_errors),
+            "current_job": self.current_job,
+            "jobs_done": self.jobs_done,
+        }
+
+    def start_janitor(self) -> None:
+        """Heartbeats for this worker and its current job, and requeueing of dead workers' jobs."""
+
+        def loop() -> None:
+            while not self._stop.wait(self.settings.worker_heartbeat_s):
+                try:
+                    self.store.publish_worker(self.worker_name, self.status())
+                    if self.current_job is not None:
+                        self.store.heartbeat(self.current_job)
+                    self.requeue_dead_jobs()
+                except Exception:  # Redis away for a moment: try again next beat rather than die.
+                    logger.exception("janitor beat failed")
+
+        self.store.publish_worker(self.worker_name, self.status())
+        self._janitor = threading.Thread(target=loop, name="imagine-janitor", daemon=True)
+        self._janitor.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._janitor is not None:
+            self._janitor.join(timeout=5)
+        self.store.remove_worker(self.worker_name)
