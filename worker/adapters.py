@@ -237,10 +237,10 @@ class AdapterRegistry:
             self.pipe.load_lora_weights(weights.state_dict, adapter_name=internal_name)
         except (RuntimeError, ValueError, KeyError) as error:
             self._discard(internal_name)
-            detail = str(error).strip().splitlines()
+            detail = " ".join(str(error).split()) or type(error).__name__
             raise AdapterError(
-                f"adapter {name!r} does not fit the base model ({detail[0] if detail else type(error).__name__}"
-                f"{' ...' if len(detail) > 1 else ''}); it was probably trained for another base model"
+                f"adapter {name!r} does not fit the base model ({detail[:240]}{'...' if len(detail) > 240 else ''}); "
+                "it was probably trained for another base model"
                 + self._still_serving(name)
             ) from error
         adapted = _adapted_modules(self.pipe, internal_name)

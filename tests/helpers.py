@@ -1,0 +1,212 @@
+"""Real processes and real files for the tests: a redis-server, Celery workers, LoRA files on disk."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from imagine.settings import ServiceSettings
+from imagine.store import JobStore
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    """A redis-server of the tests' own on a free port, which a test may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _pings(client), 10, "redis-server to start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def service_settings(redis_url: str, namespace: str, **overrides) -> ServiceSettings:
+    """Settings of one isolated service: its own queue and keys in the shared test Redis."""
+    return ServiceSettings(
+        _env_file=None,
+        redis_url=redis_url,
+        queue_name=namespace,
+        key_prefix=namespace,
+        worker_heartbeat_s=0.5,
+        worker_dead_after_s=3.0,
+        **overrides,
+    )
+
+
+class WorkerProcess:
+    """`celery -A worker worker` as an operator starts it, in its own process."""
+
+    def __init__(self, settings: ServiceSettings, name: str, log_dir: Path, **env: str) -> None:
+        self.settings = settings
+        self.name = f"{name}@test"
+        self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self.env = {
+            **os.environ,
+            "REDIS_URL": settings.redis_url,
+            "QUEUE_NAME": settings.queue_name,
+            "KEY_PREFIX": settings.key_prefix,
+            "WORKER_HEARTBEAT_S": str(settings.worker_heartbeat_s),
+            "WORKER_DEAD_AFTER_S": str(settings.worker_dead_after_s),
+            "MAX_JOB_ATTEMPTS": str(settings.max_job_attempts),
+            "WARMUP_STEPS": "1",
+            "PROGRESS_INTERVAL_S": "0",
+            "PREVIEW_INTERVAL_S": "0",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "worker", "worker", "-n", self.name, "-l", "info",
+             "--without-mingle", "--without-gossip"],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        store = JobStore.from_url(self.settings.redis_url, self.settings.key_prefix, 60)
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited ({self.process.returncode}):\n{self.log()}")
+            return self.name in store.workers(alive_within_s=5)
+
+        wait_for(ready, timeout, f"worker {self.name} to be ready")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.size
+
+
+def pixels(data: bytes) -> bytes:
+    """The decoded RGB pixels of a PNG, to compare images whatever their text chunks say."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB").tobytes()
+
+
+# LoRA files --------------------------------------------------------------------------------------
+
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def make_lora_state(unet, seed: int, rank: int = 4, alpha: float = 4.0):
+    """A PeftModel around `unet` with seeded, non-zero LoRA weights (a trained adapter stand-in)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES)
+    model = get_peft_model(unet, config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
+    return model
+
+
+def write_adapter(folder: Path, layout: str, peft_model) -> Path:
+    """Write `peft_model`'s LoRA in one of the three layouts; returns the adapter's path in LORA_DIR."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "peft":
+        peft_model.save_pretrained(folder)
+        return folder
+    config = peft_model.peft_config["default"]
+    scaling = config.lora_alpha / config.r
+    state = {}
+    for key, tensor in get_peft_model_state_dict(peft_model).items():
+        key = key.removeprefix("base_model.model.")
+        state[key] = tensor * scaling if ".lora_B." in key else tensor
+    if layout == "diffusers":
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state)
+        return folder
+    if layout == "kohya":
+        path = folder.with_suffix(".safetensors")
+        shutil.rmtree(folder)
+        save_file(convert_state_dict_to_kohya({f"unet.{key}": tensor for key, tensor in state.items()}), path)
+        return path
+    raise ValueError(layout)

@@ -1,0 +1,80 @@
+"""Workers killed mid-job: the job runs again and is delivered once, or fails once it has killed too many."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from imagine.client import ImagineClient
+from imagine.queue import send_job
+from tests.helpers import service_settings, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LONG = {"prompt": "a long render", "width": 384, "height": 384, "num_inference_steps": 40, "adapter": "none",
+        "seed": 4}
+
+
+def wait_until_rendering(client: ImagineClient, job_id: str, worker_name: str, attempt: int) -> None:
+    def rendering() -> bool:
+        record = client.job(job_id)
+        if record.state != "running" or record.worker != worker_name or record.attempt != attempt:
+            return False
+        return any(event["type"] == "step" for _, event in client.store.read_events(job_id))
+
+    wait_for(rendering, 60, f"attempt {attempt} of the job to render on {worker_name}")
+
+
+def test_job_killed_with_its_worker_completes_on_the_restarted_worker_once(redis_server, start_worker):
+    worker = start_worker(name="victim")
+    client = ImagineClient(worker.settings)
+    job = client.submit(LONG)
+    wait_until_rendering(client, job.job_id, worker.name, attempt=1)
+    worker.kill()
+
+    worker.start()  # the same worker comes back; it knows its old job died with it
+    events = list(client.events(job.job_id))
+    assert [event["type"] for event in events].count("done") == 1
+    assert [event["worker"] for event in events if event["type"] == "started"] == [worker.name, worker.name]
+    assert any(event.get("message") == "Its worker stopped; the job was queued again." for event in events)
+    result = client.result(job.job_id)
+    assert result.meta["attempt"] == 2 and len(result.images) == 1
+
+    # The broker's late copy of the first delivery is recognised as stale: nothing runs twice.
+    send_job(client.app, job.job_id, client.job(job.job_id).options, attempt=1)
+    probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+    list(client.events(probe.job_id))
+    assert [event["type"] for _, event in client.store.read_events(job.job_id)].count("done") == 1
+    assert client.result(job.job_id).images == result.images
+
+
+def test_another_worker_takes_over_when_one_dies(redis_server, start_worker):
+    settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}")
+    first = start_worker(settings, name="first")
+    client = ImagineClient(settings)
+    job = client.submit(LONG)
+    wait_until_rendering(client, job.job_id, first.name, attempt=1)
+    first.kill()
+    second = start_worker(settings, name="second")  # sees the job's heartbeat go stale
+    events = list(client.events(job.job_id))
+    assert events[-1]["type"] == "done" and events[-1]["worker"] == second.name
+    assert [event["type"] for event in events].count("done") == 1
+
+
+def test_job_that_keeps_killing_workers_ends_as_failed(redis_server, start_worker):
+    settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}", max_job_attempts=2)
+    worker = start_worker(settings, name="fragile")
+    client = ImagineClient(settings)
+    job = client.submit(LONG)
+    for attempt in (1, 2):
+        wait_until_rendering(client, job.job_id, worker.name, attempt=attempt)
+        worker.kill()
+        worker.start()
+    events = list(client.events(job.job_id))
+    assert events[-1]["type"] == "failed" and events[-1]["reason"] == "worker_lost"
+    assert "stopped its worker 2 times" in events[-1]["message"]
+    assert client.job(job.job_id).state == "failed"
+    # The worker is healthy and serves the next job.
+    after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+    assert list(client.events(after.job_id))[-1]["type"] == "done"

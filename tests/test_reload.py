@@ -1,0 +1,135 @@
+"""Hot reload of adapters on running workers, through `imagine-admin` and the Python API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+
+import pytest
+
+from imagine.client import ImagineClient
+from tests.helpers import BIN, REPO, pixels, service_settings, wait_for, write_adapter
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMALL = {"prompt": "a dog", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 21}
+
+
+def image(client: ImagineClient, **options) -> bytes:
+    job = client.submit({**SMALL, **options})
+    events = list(client.events(job.job_id))
+    assert events[-1]["type"] == "done", events[-1]
+    return pixels(client.result(job.job_id).images[0])
+
+
+def publish(lora_dir, name: str, weights, layout: str = "diffusers") -> None:
+    """Replace an adapter atomically, as the trainer publishes one: write beside it, then rename."""
+    staging = lora_dir / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_adapter(staging, layout, weights)
+    backup = lora_dir / f".{name}.old"
+    if (lora_dir / name).exists():
+        (lora_dir / name).rename(backup)
+    staging.rename(lora_dir / name)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def admin(settings, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "QUEUE_NAME": settings.queue_name,
+           "KEY_PREFIX": settings.key_prefix}
+    return subprocess.run([str(BIN / "imagine-admin"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_reload_serves_new_weights_and_refuses_a_corrupted_file(start_worker, tmp_path, adapter_weights):
+    lora_dir = tmp_path / "loradir"
+    publish(lora_dir, "flickr30k", adapter_weights["v1"])
+    worker = start_worker(name="reloader", lora_dir=lora_dir, DEFAULT_ADAPTER="flickr30k")
+    client = ImagineClient(worker.settings)
+    first = image(client)
+    old_version = client.workers()[worker.name]["adapters"]["flickr30k"]["version"]
+
+    publish(lora_dir, "flickr30k", adapter_weights["v2"])
+    assert image(client) == first  # nothing changes before the reload
+    reloaded = admin(worker.settings, "reload-adapter", "flickr30k")
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    assert worker.name in reloaded.stdout and " ok" in reloaded.stdout
+    new_version = next(line.split()[2] for line in reloaded.stdout.splitlines() if line.startswith(worker.name))
+    assert new_version != old_version
+    second = image(client)
+    assert second != first
+
+    listing = admin(worker.settings, "adapters")
+    assert f"flickr30k (default)  {new_version}" in listing.stdout
+
+    weights = lora_dir / "flickr30k" / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated mid-copy
+    refused = admin(worker.settings, "reload-adapter", "flickr30k")
+    assert refused.returncode == 1
+    assert "REFUSED" in refused.stdout and "truncated or corrupted" in refused.stdout
+    assert image(client) == second  # the previous version keeps serving
+
+    (lora_dir / "flickr30k" / "pytorch_lora_weights.safetensors").unlink()
+    (lora_dir / "flickr30k" / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04pickle")
+    pickled = admin(worker.settings, "reload-adapter")
+    assert pickled.returncode == 1 and "pickle" in pickled.stdout
+    assert image(client) == second
+
+
+def test_jobs_during_a_reload_all_complete_and_a_busy_worker_answers_after_its_job(
+    start_worker, tmp_path, adapter_weights
+):
+    lora_dir = tmp_path / "loradir"
+    publish(lora_dir, "flickr30k", adapter_weights["v1"], layout="peft")
+    worker = start_worker(name="busy", lora_dir=lora_dir, DEFAULT_ADAPTER="flickr30k")
+    client = ImagineClient(worker.settings)
+    before = image(client)
+
+    long_job = client.submit({**SMALL, "width": 384, "height": 384, "num_inference_steps": 30})
+    wait_for(lambda: client.job(long_job.job_id).state == "running", 30, "the long job to start")
+    jobs = [client.submit(SMALL) for _ in range(4)]
+    publish(lora_dir, "flickr30k", adapter_weights["v2"], layout="peft")
+    outcome = client.reload_adapters("flickr30k", timeout_s=0.5)
+    assert outcome.waiting_for == [worker.name]  # busy: it will not swap weights under a running job
+
+    finals = [list(client.events(job.job_id))[-1] for job in [long_job, *jobs]]
+    assert [event["type"] for event in finals] == ["done"] * 5
+    answers = wait_for(lambda: client.store.reload_answers(outcome.request_id), 30, "the busy worker's answer")
+    (answer,) = answers[worker.name]
+    assert answer["ok"] and answer["previous_version"] != answer["version"]
+    # The reload was applied before the next job, so every job after the long one used the new weights.
+    assert {pixels(client.result(job.job_id).images[0]) for job in jobs} == {image(client)}
+    assert image(client) != before
+    assert client.result(long_job.job_id).meta["adapter_version"] == answer["previous_version"]
+    assert client.result(jobs[0].job_id).meta["adapter_version"] == answer["version"]
+
+
+def test_worker_offline_during_a_reload_serves_the_new_version_when_back(start_worker, redis_server, tmp_path,
+                                                                          adapter_weights):
+    lora_dir = tmp_path / "loradir"
+    publish(lora_dir, "flickr30k", adapter_weights["v1"])
+    settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}")
+    online = start_worker(settings, name="online", lora_dir=lora_dir, DEFAULT_ADAPTER="flickr30k")
+    offline = start_worker(settings, name="offline", lora_dir=lora_dir, DEFAULT_ADAPTER="flickr30k")
+    client = ImagineClient(settings)
+    offline.stop()
+
+    publish(lora_dir, "flickr30k", adapter_weights["v2"])
+    outcome = client.reload_adapters("flickr30k", timeout_s=20)
+    assert set(outcome.answers) == {online.name} and outcome.answers[online.name][0]["ok"]
+    new_version = outcome.answers[online.name][0]["version"]
+
+    online.stop()
+    offline.start()
+    assert client.workers()[offline.name]["adapters"]["flickr30k"]["version"] == new_version
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(image(client))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1
