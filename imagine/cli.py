@@ -31,11 +31,15 @@ def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=30, help=f"Denoising steps, {span('num_inference_steps')}.")
     parser.add_argument("--guidance", type=float, default=7.5, help=f"Guidance scale, {span('guidance_scale')}.")
     parser.add_argument("--width", type=int, default=512, help=f"Width in pixels, {span('width')}, a multiple of 8.")
-    parser.add_argument("--height", type=int, default=512, help=f"Height in pixels, {span('height')}, a multiple of 8.")
+    parser.add_argument(
+        "--height", type=int, default=512, help=f"Height in pixels, {span('height')}, a multiple of 8."
+    )
     parser.add_argument("--seed", type=int, default=None, help="Seed of the first image (random when absent).")
     parser.add_argument("--count", type=int, default=1, help=f"Number of images, {span('num_images_per_prompt')}.")
     parser.add_argument(
-        "--adapter", default=None, help=f"LoRA adapter name (default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': base)."
+        "--adapter",
+        default=None,
+        help=f"LoRA adapter name (default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': base).",
     )
     parser.add_argument("--adapter-scale", type=float, default=1.0, help=f"Adapter strength, {span('adapter_scale')}.")
     parser.add_argument("--scheduler", default="default", choices=SCHEDULERS, help="Sampler.")

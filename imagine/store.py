@@ -192,7 +192,9 @@ class JobStore:
     def pending_for_owner(self, owner: str) -> list[str]:
         ids = [member.decode() for member in self.redis.zrange(self.key("pending"), 0, -1)]
         running = [member.decode() for member in self.redis.smembers(self.key("running"))]
-        return [job_id for job_id in ids + running if self.redis.hget(self.key("job", job_id), "owner") == owner.encode()]
+        return [
+            job_id for job_id in ids + running if self.redis.hget(self.key("job", job_id), "owner") == owner.encode()
+        ]
 
     def running_jobs(self) -> list[str]:
         return sorted(member.decode() for member in self.redis.smembers(self.key("running")))

@@ -58,12 +58,12 @@ def start_worker(redis_server, model_cache, worker_log_dir):
     """Start workers of one isolated service (own queue and keys); all are stopped after the test."""
     started: list[WorkerProcess] = []
 
-    def start(settings=None, name: str = "worker", lora_dir: Path | None = None, wait: bool = True, **env):
+    def start(settings=None, name="worker", lora_dir=None, wait=True, memory_limit=None, **env) -> WorkerProcess:
         settings = settings or service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}")
         env = {"BASE_MODEL": "tiny", "MODEL_CACHE_DIR": str(model_cache), "DEFAULT_ADAPTER": "", **env}
         if lora_dir is not None:
             env["LORA_DIR"] = str(lora_dir)
-        worker = WorkerProcess(settings, name, worker_log_dir, **env)
+        worker = WorkerProcess(settings, name, worker_log_dir, memory_limit=memory_limit, **env)
         started.append(worker)
         return worker.start(wait=wait)
 

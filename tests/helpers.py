@@ -89,8 +89,11 @@ def service_settings(redis_url: str, namespace: str, **overrides) -> ServiceSett
 class WorkerProcess:
     """`celery -A worker worker` as an operator starts it, in its own process."""
 
-    def __init__(self, settings: ServiceSettings, name: str, log_dir: Path, **env: str) -> None:
+    def __init__(
+        self, settings: ServiceSettings, name: str, log_dir: Path, memory_limit: int | None = None, **env: str
+    ) -> None:
         self.settings = settings
+        self.memory_limit = memory_limit
         self.name = f"{name}@test"
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.env = {
@@ -112,16 +115,33 @@ class WorkerProcess:
     def start(self, wait: bool = True) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "worker", "worker", "-n", self.name, "-l", "info",
-             "--without-mingle", "--without-gossip"],
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker",
+                "worker",
+                "-n",
+                self.name,
+                "-l",
+                "info",
+                "--without-mingle",
+                "--without-gossip",
+            ],
             cwd=REPO,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_memory if self.memory_limit else None,
         )
         if wait:
             self.wait_ready()
         return self
+
+    def _limit_memory(self) -> None:
+        # A ceiling on the address space makes a too-large allocation fail the way a full GPU does.
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
 
     def wait_ready(self, timeout: float = 120) -> None:
         store = JobStore.from_url(self.settings.redis_url, self.settings.key_prefix, 60)

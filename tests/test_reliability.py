@@ -12,8 +12,14 @@ from tests.helpers import service_settings, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-LONG = {"prompt": "a long render", "width": 384, "height": 384, "num_inference_steps": 40, "adapter": "none",
-        "seed": 4}
+LONG = {
+    "prompt": "a long render",
+    "width": 384,
+    "height": 384,
+    "num_inference_steps": 40,
+    "adapter": "none",
+    "seed": 4,
+}
 
 
 def wait_until_rendering(client: ImagineClient, job_id: str, worker_name: str, attempt: int) -> None:
@@ -78,3 +84,23 @@ def test_job_that_keeps_killing_workers_ends_as_failed(redis_server, start_worke
     # The worker is healthy and serves the next job.
     after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
     assert list(client.events(after.job_id))[-1]["type"] == "done"
+
+
+def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(redis_server, start_worker):
+    huge = 32768
+    settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}", max_side=huge, max_pixels=huge * huge)
+    worker = start_worker(
+        settings, name="small", memory_limit=8 * 2**30, MAX_SIDE=str(huge), MAX_PIXELS=str(huge * huge)
+    )
+    client = ImagineClient(settings)
+    job = client.submit(
+        {"prompt": "too big", "width": huge, "height": huge, "num_inference_steps": 1, "adapter": "none"}
+    )
+    failed = list(client.events(job.job_id))[-1]
+    assert failed["type"] == "failed" and failed["reason"] == "out_of_memory"
+    assert failed["message"] == (
+        f"The worker ran out of memory rendering 1 image(s) of {huge}×{huge}; try fewer images or a smaller size."
+    )
+    after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+    assert list(client.events(after.job_id))[-1]["type"] == "done"
+    assert worker.process.poll() is None

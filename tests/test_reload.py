@@ -38,10 +38,15 @@ def publish(lora_dir, name: str, weights, layout: str = "diffusers") -> None:
 
 
 def admin(settings, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "REDIS_URL": settings.redis_url, "QUEUE_NAME": settings.queue_name,
-           "KEY_PREFIX": settings.key_prefix}
-    return subprocess.run([str(BIN / "imagine-admin"), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "QUEUE_NAME": settings.queue_name,
+        "KEY_PREFIX": settings.key_prefix,
+    }
+    return subprocess.run(
+        [str(BIN / "imagine-admin"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_reload_serves_new_weights_and_refuses_a_corrupted_file(start_worker, tmp_path, adapter_weights):
@@ -107,8 +112,9 @@ def test_jobs_during_a_reload_all_complete_and_a_busy_worker_answers_after_its_j
     assert client.result(jobs[0].job_id).meta["adapter_version"] == answer["version"]
 
 
-def test_worker_offline_during_a_reload_serves_the_new_version_when_back(start_worker, redis_server, tmp_path,
-                                                                          adapter_weights):
+def test_worker_offline_during_a_reload_serves_the_new_version_when_back(
+    start_worker, redis_server, tmp_path, adapter_weights
+):
     lora_dir = tmp_path / "loradir"
     publish(lora_dir, "flickr30k", adapter_weights["v1"])
     settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}")

@@ -55,7 +55,9 @@ def test_events_arrive_in_order_and_the_result_matches(shared_service):
 def test_same_seed_gives_the_same_image_and_the_default_adapter_applies(shared_service):
     settings, _, _ = shared_service
     client = ImagineClient(settings)
-    first, second, base = (client.result(run_job(client, seed=5, adapter=adapter)[0]) for adapter in (None, None, "none"))
+    first, second, base = (
+        client.result(run_job(client, seed=5, adapter=adapter)[0]) for adapter in (None, None, "none")
+    )
     assert first.images == second.images
     assert first.meta["adapter"] == "flickr30k" and len(first.meta["adapter_version"]) == 12
     assert pixels(first.images[0]) != pixels(base.images[0])
@@ -120,8 +122,9 @@ def test_missing_adapter_fails_the_job_with_its_name(shared_service):
 def test_cancel_a_queued_job_and_a_running_one(shared_service):
     settings, _, _ = shared_service
     client = ImagineClient(settings)
-    long_job = client.submit({"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 60,
-                              "adapter": "none"})
+    long_job = client.submit(
+        {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 60, "adapter": "none"}
+    )
     queued = client.submit({"prompt": "waiting", **SMALL, "adapter": "none"})
     wait_for(lambda: client.job(long_job.job_id).state == "running", 30, "the long job to start")
     assert client.job(queued.job_id).state == "queued"
@@ -139,8 +142,9 @@ def test_queue_cap_refuses_politely(shared_service):
     settings, _, _ = shared_service
     capped = settings.model_copy(update={"max_queue_length": 1})
     client = ImagineClient(capped)
-    blocker = client.submit({"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 40,
-                             "adapter": "none"})
+    blocker = client.submit(
+        {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 40, "adapter": "none"}
+    )
     wait_for(lambda: client.job(blocker.job_id).state == "running", 30, "the blocker to start")
     waiting = client.submit({"prompt": "one waits", **SMALL, "adapter": "none"})
     with pytest.raises(QueueFull, match="queue is full"):
@@ -152,10 +156,30 @@ def test_queue_cap_refuses_politely(shared_service):
 
 def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):
     settings, worker, _ = shared_service
-    env = {**os.environ, "REDIS_URL": settings.redis_url, "QUEUE_NAME": settings.queue_name,
-           "KEY_PREFIX": settings.key_prefix}
-    command = [str(BIN / "imagine"), "a dog running on a beach", "--seed", "7", "--steps", "4", "--count", "2",
-               "--width", "64", "--height", "64", "--adapter", "flickr30k", "--out", str(tmp_path)]
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "QUEUE_NAME": settings.queue_name,
+        "KEY_PREFIX": settings.key_prefix,
+    }
+    command = [
+        str(BIN / "imagine"),
+        "a dog running on a beach",
+        "--seed",
+        "7",
+        "--steps",
+        "4",
+        "--count",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--adapter",
+        "flickr30k",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     pngs = sorted(tmp_path.glob("*.png"))
@@ -177,6 +201,23 @@ def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):
     assert refused.returncode == 2
     assert "refused: num_inference_steps must be an integer from 1 to 100 (got 0)" in refused.stderr
 
-    failed = subprocess.run([*command[:2], "--steps", "2", "--width", "64", "--height", "64", "--adapter", "ghost",
-                             "--out", str(tmp_path / "f")], env=env, capture_output=True, text=True, timeout=60)
+    failed = subprocess.run(
+        [
+            *command[:2],
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--adapter",
+            "ghost",
+            "--out",
+            str(tmp_path / "f"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert failed.returncode == 1 and "job failed: adapter 'ghost' is not loaded" in failed.stderr

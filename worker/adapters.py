@@ -240,8 +240,7 @@ class AdapterRegistry:
             detail = " ".join(str(error).split()) or type(error).__name__
             raise AdapterError(
                 f"adapter {name!r} does not fit the base model ({detail[:240]}{'...' if len(detail) > 240 else ''}); "
-                "it was probably trained for another base model"
-                + self._still_serving(name)
+                "it was probably trained for another base model" + self._still_serving(name)
             ) from error
         adapted = _adapted_modules(self.pipe, internal_name)
         if adapted != weights.modules:
@@ -255,7 +254,9 @@ class AdapterRegistry:
             self._discard(current.internal_name)
         loaded = LoadedAdapter(name, internal_name, weights.layout, weights.version, adapted, time.time())
         self._loaded[name] = loaded
-        logger.info("adapter %s version %s loaded (%s layout, %d modules)", name, loaded.version, loaded.layout, adapted)
+        logger.info(
+            "adapter %s version %s loaded (%s layout, %d modules)", name, loaded.version, loaded.layout, adapted
+        )
         return loaded
 
     def _still_serving(self, name: str) -> str:

@@ -34,14 +34,21 @@ def service():
 @worker_init.connect
 def _load_service(sender, **_) -> None:
     global _service
-    pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls))
+    pool = sender.pool_cls if isinstance(sender.pool_cls, str) else sender.pool_cls.__module__
     if not pool.endswith("solo"):
-        raise RuntimeError(
-            f"this worker must run with --pool solo (got {pool}): one process holds the model and the GPU"
+        logger.critical(
+            "this worker must run with --pool solo (got %s): one process holds the model and the GPU", pool
         )
+        raise SystemExit(1)
+    from worker.pipeline import ModelLoadError
     from worker.service import GenerationService
 
-    _service = GenerationService.start(settings, sender.hostname, app)
+    try:
+        _service = GenerationService.start(settings, sender.hostname, app)
+    except ModelLoadError as error:
+        # Celery logs and swallows exceptions from signal handlers; a worker without a model must stop.
+        logger.critical("worker %s cannot start: %s", sender.hostname, error)
+        raise SystemExit(1) from error
 
 
 @worker_ready.connect

@@ -175,7 +175,7 @@ def load_pipeline(base_model: str, placement: Placement, cache_dir: Path, safety
         raise ModelLoadError(
             f"Could not load the base model '{base_model}' from the Hugging Face Hub ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Without hub access, download it where the hub "
-            f"is reachable (`huggingface-cli download {base_model} --local-dir sd-v1-4`), copy the folder here "
+            f"is reachable (`hf download {base_model} --local-dir sd-v1-4`), copy the folder here "
             "and set BASE_MODEL to that folder; or set BASE_MODEL=tiny for the offline demo model."
         ) from error
     pipe = pipe.to(placement.device)

@@ -109,16 +109,12 @@ def free_memory() -> None:
 class Renderer:
     """Turns validated job options into PNGs on one pipeline, with its adapters."""
 
-    def __init__(
-        self, pipe, adapters: AdapterRegistry, default_adapter: str, allow_safety_checker_off: bool
-    ) -> None:
+    def __init__(self, pipe, adapters: AdapterRegistry, default_adapter: str, allow_safety_checker_off: bool) -> None:
         self.pipe = pipe
         self.adapters = adapters
         self.default_adapter = default_adapter or None
         self.allow_safety_checker_off = allow_safety_checker_off
-        self._schedulers = {
-            name: cls.from_config(pipe.scheduler.config) for name, cls in _scheduler_classes().items()
-        }
+        self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in _scheduler_classes().items()}
         self._schedulers["default"] = pipe.scheduler
 
     def resolve_adapter(self, options: JobOptions) -> str | None:
@@ -151,7 +147,9 @@ class Renderer:
     def render(self, options: JobOptions, on_step: StepCallback | None = None) -> RenderOutput:
         adapter = self.resolve_adapter(options)
         if not options.safety_checker and not self.allow_safety_checker_off and self.pipe.safety_checker is not None:
-            raise JobRejected("safety_checker: this service does not allow turning the safety checker off", "safety_checker")
+            raise JobRejected(
+                "safety_checker: this service does not allow turning the safety checker off", "safety_checker"
+            )
         warnings = self.prompt_warnings(options)
         self.adapters.activate(adapter, options.adapter_scale)
         scheduler = self._schedulers[options.scheduler]

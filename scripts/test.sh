@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: set up .venv, make sure redis-server exists (the tests start their own on a free
+# port), then lint and run the whole suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-venv.sh
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "redis-server not found: installing Debian's package"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server not found: install it (apt-get install redis-server, brew install redis)" >&2
+    exit 1
+  fi
+fi
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest "$@"
