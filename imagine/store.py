@@ -71,7 +71,12 @@ return state
 
 # Put back a job whose worker stopped sending heartbeats, or fail it once it has used its attempts.
 _REQUEUE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  redis.call('SREM', KEYS[2], ARGV[3])  -- its record expired: nothing left to run
+  return -1
+end
+if state ~= 'running' then return -1 end
 local heartbeat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at'))
 if heartbeat and heartbeat > tonumber(ARGV[1]) and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
   return -1
@@ -195,6 +200,16 @@ class JobStore:
         return [
             job_id for job_id in ids + running if self.redis.hget(self.key("job", job_id), "owner") == owner.encode()
         ]
+
+    def prune(self) -> int:
+        """Forget queue and delivery entries of jobs whose records expired (RESULT_TTL_S), so that a
+        lost message can never hold a place under the queue cap for ever. Returns how many went."""
+        removed = 0
+        for index_key in [self.key("pending"), *self.redis.scan_iter(match=self.key("finished", "*"))]:
+            for member in self.redis.zrange(index_key, 0, -1):
+                if not self.redis.exists(self.key("job", member.decode())):
+                    removed += self.redis.zrem(index_key, member)
+        return removed
 
     def running_jobs(self) -> list[str]:
         return sorted(member.decode() for member in self.redis.smembers(self.key("running")))

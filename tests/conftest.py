@@ -19,10 +19,10 @@ def redis_server(tmp_path_factory) -> RedisServer:
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """MODEL_CACHE_DIR holding the built-in tiny model, built once through the code path users take."""
-    from worker.pipeline import ensure_tiny_model
+    from worker.pipeline import ensure_built_in_model
 
     cache = tmp_path_factory.mktemp("model-cache")
-    ensure_tiny_model(cache)
+    ensure_built_in_model("tiny", cache)
     return cache
 
 

@@ -121,11 +121,15 @@ def test_corrupted_or_truncated_replacement_keeps_the_old_version(setup, lora_di
 
 def test_adapter_for_another_base_model_is_refused(setup, lora_dir, tmp_path):
     """Wrong shapes and unknown modules are both caught, and nothing of them stays in the pipeline."""
+    from dataclasses import replace
+
     from tests.helpers import make_lora_state
-    from worker.pipeline import build_tiny_pipeline
+    from worker.pipeline import BUILT_IN_MODELS, build_random_pipeline
 
     registry, renderer = setup
-    other = build_tiny_pipeline(seed=5, unet_channels=(32, 48), text_hidden_size=24)
+    other = build_random_pipeline(
+        replace(BUILT_IN_MODELS["tiny"], seed=5, unet_channels=(32, 48), text_hidden_size=24)
+    )
     write_adapter(lora_dir / "wrong-shapes", "diffusers", make_lora_state(other.unet, seed=3))
     with pytest.raises(AdapterError, match=r"does not fit the base model.*another base model"):
         registry.load("wrong-shapes")
@@ -134,7 +138,7 @@ def test_adapter_for_another_base_model_is_refused(setup, lora_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     state = load_file(lora_dir / "diffusers" / "pytorch_lora_weights.safetensors")
-    save_file({key.replace("down_blocks.1", "down_blocks.5"): value for key, value in state.items()}, renamed)
+    save_file({key.replace("mid_block.", "mid_blocks."): value for key, value in state.items()}, renamed)
     (lora_dir / "wrong-modules").mkdir()
     renamed.rename(lora_dir / "wrong-modules" / "pytorch_lora_weights.safetensors")
     with pytest.raises(AdapterError, match=r"only 24 of its 32 LoRA modules match"):

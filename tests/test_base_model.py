@@ -14,13 +14,18 @@ from worker.pipeline import ModelLoadError, choose_placement, load_pipeline
 
 def save_pipeline_with_strict_safety_checker(folder):
     """An SD 1.x-layout folder of other dimensions than `tiny`, whose safety checker flags every image."""
+    from dataclasses import replace
+
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
-    from worker.pipeline import build_tiny_pipeline
+    from worker.pipeline import BUILT_IN_MODELS, build_random_pipeline
 
-    pipe = build_tiny_pipeline(seed=7, unet_channels=(16, 32), text_hidden_size=24, vae_channels=(8, 16, 16))
+    spec = replace(
+        BUILT_IN_MODELS["tiny"], seed=7, unet_channels=(16, 32), text_hidden_size=24, vae_channels=(8, 16, 16)
+    )
+    pipe = build_random_pipeline(spec)
     clip = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1},
         vision_config={
@@ -121,7 +126,7 @@ def test_unreachable_hub_model_stops_the_worker_with_directions(redis_server, tm
 
 
 def test_tiny_model_is_saved_and_loaded_like_a_real_one(model_cache):
-    folder = next(model_cache.glob("tiny-sd-v*"))
+    folder = next(model_cache.glob("tiny-v*"))
     assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {
         path.name for path in folder.iterdir()
     }

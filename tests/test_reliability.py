@@ -104,3 +104,14 @@ def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(redis_server, 
     after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
     assert list(client.events(after.job_id))[-1]["type"] == "done"
     assert worker.process.poll() is None
+
+
+def test_job_over_the_time_limit_is_stopped(redis_server, start_worker):
+    worker = start_worker(name="timed", JOB_TIME_LIMIT_S="1")
+    client = ImagineClient(worker.settings)
+    job = client.submit({**LONG, "num_inference_steps": 100})
+    failed = list(client.events(job.job_id))[-1]
+    assert failed["type"] == "failed" and failed["reason"] == "timeout"
+    assert "took longer than 1 s" in failed["message"]
+    quick = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+    assert list(client.events(quick.job_id))[-1]["type"] == "done"

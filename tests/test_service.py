@@ -221,3 +221,24 @@ def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):
         timeout=60,
     )
     assert failed.returncode == 1 and "job failed: adapter 'ghost' is not loaded" in failed.stderr
+
+
+def test_imagine_admin_queue_and_adapters_read_the_live_service(shared_service):
+    settings, worker, _ = shared_service
+    client = ImagineClient(settings)
+    run_job(client, adapter="none")
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "QUEUE_NAME": settings.queue_name,
+        "KEY_PREFIX": settings.key_prefix,
+    }
+    queue = subprocess.run([str(BIN / "imagine-admin"), "queue"], env=env, capture_output=True, text=True, timeout=60)
+    assert queue.returncode == 0, queue.stderr
+    assert "queued:          0" in queue.stdout and "workers online:  1" in queue.stdout
+    assert f"{worker.name}: idle" in queue.stdout and "recent render:   0." in queue.stdout
+    adapters = subprocess.run(
+        [str(BIN / "imagine-admin"), "adapters"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert "flickr30k (default)" in adapters.stdout
+    assert "flickr30k-kohya" in adapters.stdout and "kohya" in adapters.stdout

@@ -1,8 +1,9 @@
 """Loading the base Stable Diffusion pipeline: a hub id, a local diffusers folder, or the built-in `tiny`.
 
-`tiny` is a pipeline of the same classes as SD v1-4 with small dimensions and fixed random weights.
-It is built once, saved with `save_pretrained` and loaded back through `from_pretrained`, the path a
-real model takes, so demos and tests run offline and exercise the real loading code.
+The built-in models are pipelines of SD v1-4's classes with seeded random weights: `tiny` (small
+dimensions, for tests and offline demos) and `random-sd-v1-4` (SD v1-4's dimensions, for benchmarks).
+Each is built once, saved with `save_pretrained` and loaded back through `from_pretrained`, the path
+a real model takes, so demos and tests run offline and exercise the real loading code.
 """
 
 from __future__ import annotations
@@ -19,9 +20,61 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TINY = "tiny"
-TINY_FORMAT_VERSION = 1
-"""Bumped whenever the tiny model's config changes, so an old saved copy is rebuilt."""
+
+@dataclass(frozen=True)
+class RandomPipelineSpec:
+    """Dimensions of a built-in pipeline of SD v1-4's classes with seeded random weights."""
+
+    unet_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    attention_head_dim: int
+    unet_norm_groups: int
+    text_hidden_size: int
+    text_layers: int
+    text_heads: int
+    text_intermediate_size: int
+    text_vocab_size: int
+    vae_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_norm_groups: int
+    seed: int = 0
+
+
+BUILT_IN_MODELS = {
+    # For tests and offline demos: renders noise in milliseconds.
+    "tiny": RandomPipelineSpec(
+        unet_channels=(32, 64),
+        unet_layers_per_block=1,
+        attention_head_dim=8,
+        unet_norm_groups=16,
+        text_hidden_size=32,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate_size=37,
+        text_vocab_size=514,
+        vae_channels=(16, 16, 32, 32),
+        vae_layers_per_block=1,
+        vae_norm_groups=8,
+    ),
+    # SD v1-4's architecture (its config files' dimensions) with random weights: real compute and memory
+    # for benchmarks without downloading the weights.
+    "random-sd-v1-4": RandomPipelineSpec(
+        unet_channels=(320, 640, 1280, 1280),
+        unet_layers_per_block=2,
+        attention_head_dim=8,
+        unet_norm_groups=32,
+        text_hidden_size=768,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate_size=3072,
+        text_vocab_size=49408,
+        vae_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_norm_groups=32,
+    ),
+}
+BUILT_IN_FORMAT_VERSION = 1
+"""Bumped whenever a built-in model's construction changes, so an old saved copy is rebuilt."""
 
 
 class ModelLoadError(RuntimeError):
@@ -60,37 +113,34 @@ def _byte_level_vocabulary() -> dict[str, int]:
     return vocabulary
 
 
-def build_tiny_pipeline(
-    seed: int = 0,
-    unet_channels: tuple[int, ...] = (32, 64),
-    text_hidden_size: int = 32,
-    vae_channels: tuple[int, ...] = (16, 16, 32, 32),
-):
-    """A StableDiffusionPipeline of SD v1-4's classes with small dimensions and seeded random weights."""
+def build_random_pipeline(spec: RandomPipelineSpec):
+    """A StableDiffusionPipeline of SD v1-4's classes with the spec's dimensions and seeded random weights."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.seed)
+    cross_attention_blocks = len(spec.unet_channels) - 1
     unet = UNet2DConditionModel(
-        block_out_channels=unet_channels,
-        layers_per_block=1,
+        block_out_channels=spec.unet_channels,
+        layers_per_block=spec.unet_layers_per_block,
         sample_size=64,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
-        cross_attention_dim=text_hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D",) * cross_attention_blocks + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * cross_attention_blocks,
+        cross_attention_dim=spec.text_hidden_size,
+        attention_head_dim=spec.attention_head_dim,
+        norm_num_groups=spec.unet_norm_groups,
     )
     vae = AutoencoderKL(
-        block_out_channels=vae_channels,
+        block_out_channels=spec.vae_channels,
+        layers_per_block=spec.vae_layers_per_block,
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=spec.vae_norm_groups,
         sample_size=512,
     )
     # Same schedule as SD v1-4's scheduler_config.json.
@@ -102,12 +152,13 @@ def build_tiny_pipeline(
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
-            hidden_size=text_hidden_size,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=514,
+            hidden_size=spec.text_hidden_size,
+            intermediate_size=spec.text_intermediate_size,
+            num_attention_heads=spec.text_heads,
+            num_hidden_layers=spec.text_layers,
+            vocab_size=spec.text_vocab_size,
             max_position_embeddings=77,
+            hidden_act="quick_gelu",
         )
     )
     with tempfile.TemporaryDirectory() as folder:
@@ -127,15 +178,15 @@ def build_tiny_pipeline(
     )
 
 
-def ensure_tiny_model(cache_dir: Path) -> Path:
-    """The saved tiny model's folder, built and written atomically on first use."""
-    folder = cache_dir / f"tiny-sd-v{TINY_FORMAT_VERSION}"
+def ensure_built_in_model(name: str, cache_dir: Path) -> Path:
+    """The saved folder of built-in model `name`, built and written atomically on first use."""
+    folder = cache_dir / f"{name}-v{BUILT_IN_FORMAT_VERSION}"
     if (folder / "model_index.json").is_file():
         return folder
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=cache_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
-        build_tiny_pipeline().save_pretrained(staging)
+        build_random_pipeline(BUILT_IN_MODELS[name]).save_pretrained(staging)
         try:
             staging.rename(folder)
         except OSError:
@@ -148,8 +199,8 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
 
 def resolve_base_model(base_model: str, cache_dir: Path) -> str:
     """The folder or hub id `from_pretrained` should load."""
-    if base_model == TINY:
-        return str(ensure_tiny_model(cache_dir))
+    if base_model in BUILT_IN_MODELS:
+        return str(ensure_built_in_model(base_model, cache_dir))
     path = Path(base_model).expanduser()
     if path.exists() or base_model.startswith((".", "/", "~")):
         if not (path / "model_index.json").is_file():

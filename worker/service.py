@@ -26,6 +26,8 @@ from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
+PRUNE_INTERVAL_S = 60.0
+
 
 class GenerationService:
     def __init__(
@@ -302,12 +304,16 @@ class GenerationService:
         """Heartbeats for this worker and its current job, and requeueing of dead workers' jobs."""
 
         def loop() -> None:
+            last_prune = time.monotonic()
             while not self._stop.wait(self.settings.worker_heartbeat_s):
                 try:
                     self.store.publish_worker(self.worker_name, self.status())
                     if self.current_job is not None:
                         self.store.heartbeat(self.current_job)
                     self.requeue_dead_jobs()
+                    if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
+                        last_prune = time.monotonic()
+                        self.store.prune()
                 except Exception:  # Redis away for a moment: try again next beat rather than die.
                     logger.exception("janitor beat failed")
 
