@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobRejected as error:
         print(f"imagine: refused: {error}", file=sys.stderr)
         return EXIT_REFUSED
-    print(f"job {job.job_id}: queued at position {job.position}, seed {job.options.seed}", file=sys.stderr)
+    wait_s = client.queue_stats().estimated_wait_s(job.position)
+    estimate = f" (about {wait_s:.0f} s)" if wait_s is not None else ""
+    print(f"job {job.job_id}: queued at position {job.position}{estimate}, seed {job.options.seed}", file=sys.stderr)
 
     bar = None
     try:

@@ -269,15 +269,11 @@ class AdapterRegistry:
             self.pipe.delete_adapters(internal_name)
 
     def activate(self, name: str | None, scale: float) -> None:
-        """Make the next render use adapter `name` at `scale`, or the base model alone for None."""
+        """Make the next render use loaded adapter `name` at `scale`, or the base model alone for None."""
         if name is None:
             if self._loaded:
                 self.pipe.disable_lora()
             return
-        adapter = self._loaded.get(name)
-        if adapter is None:
-            raise AdapterError(
-                f"adapter {name!r} is not loaded on this worker; available: {', '.join(self._loaded) or 'none'}"
-            )
+        adapter = self._loaded[name]
         self.pipe.enable_lora()
         self.pipe.set_adapters([adapter.internal_name], [scale])

@@ -31,15 +31,23 @@ class JobInterrupted(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class RenderPlan:
+    """What a job will render with, settled before it starts: known problems refuse it here."""
+
+    adapter: str | None
+    adapter_version: str | None
+    warnings: list[str]
+
+
 @dataclass
 class RenderOutput:
     images: list[bytes | None]
     """PNG bytes of each image; None where the safety checker withheld it."""
     seeds: list[int]
-    adapter: str | None
-    adapter_version: str | None
     scheduler: str
     warnings: list[str] = field(default_factory=list)
+    """The plan's warnings and the render's own (images the safety checker withheld)."""
     render_s: float = 0.0
 
 
@@ -117,7 +125,23 @@ class Renderer:
         self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in _scheduler_classes().items()}
         self._schedulers["default"] = pipe.scheduler
 
-    def resolve_adapter(self, options: JobOptions) -> str | None:
+    def plan(self, options: JobOptions) -> RenderPlan:
+        """Resolve the adapter and check what can be checked before rendering. Raises AdapterError or
+        JobRejected with a message for the user."""
+        if not options.safety_checker and not self.allow_safety_checker_off and self.pipe.safety_checker is not None:
+            raise JobRejected(
+                "safety_checker: this service does not allow turning the safety checker off", "safety_checker"
+            )
+        adapter = self._resolve_adapter(options)
+        loaded = self.adapters.loaded.get(adapter) if adapter else None
+        if adapter is not None and loaded is None:
+            raise AdapterError(
+                f"adapter {adapter!r} is not loaded on this worker; available: "
+                f"{', '.join(self.adapters.loaded) or 'none'}"
+            )
+        return RenderPlan(adapter, loaded.version if loaded else None, self.prompt_warnings(options))
+
+    def _resolve_adapter(self, options: JobOptions) -> str | None:
         if options.adapter == NO_ADAPTER:
             return None
         if options.adapter is not None:
@@ -144,14 +168,11 @@ class Renderer:
                 )
         return warnings
 
-    def render(self, options: JobOptions, on_step: StepCallback | None = None) -> RenderOutput:
-        adapter = self.resolve_adapter(options)
-        if not options.safety_checker and not self.allow_safety_checker_off and self.pipe.safety_checker is not None:
-            raise JobRejected(
-                "safety_checker: this service does not allow turning the safety checker off", "safety_checker"
-            )
-        warnings = self.prompt_warnings(options)
-        self.adapters.activate(adapter, options.adapter_scale)
+    def render(
+        self, options: JobOptions, plan: RenderPlan | None = None, on_step: StepCallback | None = None
+    ) -> RenderOutput:
+        plan = plan or self.plan(options)
+        self.adapters.activate(plan.adapter, options.adapter_scale)
         scheduler = self._schedulers[options.scheduler]
         seeds = options.seeds
         # CPU generators: the same seed gives the same starting noise on any device.
@@ -185,13 +206,12 @@ class Renderer:
         render_s = time.perf_counter() - started
 
         flagged = output.nsfw_content_detected or [False] * len(output.images)
-        loaded = self.adapters.loaded.get(adapter) if adapter else None
+        png_text = {"prompt": options.prompt, "adapter": plan.adapter or NO_ADAPTER}
         images = [
-            None
-            if is_flagged
-            else encode_png(image, {"prompt": options.prompt, "seed": str(seed), "adapter": adapter or NO_ADAPTER})
+            None if is_flagged else encode_png(image, {**png_text, "seed": str(seed)})
             for image, seed, is_flagged in zip(output.images, seeds, flagged, strict=True)
         ]
+        warnings = list(plan.warnings)
         if any(flagged):
             warnings.append(
                 f"The safety checker withheld {sum(flagged)} of {len(flagged)} images as possibly NSFW "
@@ -200,8 +220,6 @@ class Renderer:
         return RenderOutput(
             images=images,
             seeds=seeds,
-            adapter=adapter,
-            adapter_version=loaded.version if loaded else None,
             scheduler=type(scheduler).__name__,
             warnings=warnings,
             render_s=render_s,

@@ -138,15 +138,12 @@ class GenerationService:
 
     def _run_claimed(self, job_id: str, raw_options: dict[str, Any], attempt: int) -> dict[str, Any]:
         record = self.store.get(job_id)
-        client = record.client if record else ""
+        client = record.client
         try:
             options = parse_job_options(raw_options, self.settings.limits)
+            plan = self.renderer.plan(options)
         except JobRejected as error:
             return self._fail(job_id, attempt, client, "rejected", f"Refused: {error}")
-
-        try:
-            adapter = self.renderer.resolve_adapter(options)
-            warnings = self.renderer.prompt_warnings(options)
         except AdapterError as error:
             return self._fail(job_id, attempt, client, "adapter", str(error))
         self.store.append_event(
@@ -155,9 +152,9 @@ class GenerationService:
                 "type": "started",
                 "worker": self.worker_name,
                 "attempt": attempt,
-                "adapter": adapter,
+                "adapter": plan.adapter,
                 "seeds": options.seeds,
-                "warnings": warnings,
+                "warnings": plan.warnings,
             },
         )
 
@@ -187,15 +184,13 @@ class GenerationService:
             self.store.append_event(job_id, event)
 
         try:
-            output = self.renderer.render(options, on_step)
+            output = self.renderer.render(options, plan, on_step)
         except JobInterrupted as interrupted:
             if interrupted.reason == "cancelled":
                 self.store.finish(job_id, attempt, "cancelled", client=client)
                 self.store.append_event(job_id, {"type": "cancelled", "message": str(interrupted)})
                 return {"job_id": job_id, "state": "cancelled"}
             return self._fail(job_id, attempt, client, interrupted.reason, str(interrupted))
-        except (AdapterError, JobRejected) as error:
-            return self._fail(job_id, attempt, client, "adapter", str(error))
         except Exception as error:
             if is_out_of_memory(error):
                 free_memory()
@@ -212,14 +207,13 @@ class GenerationService:
                 job_id, attempt, client, "internal", f"The worker hit an unexpected error ({type(error).__name__})."
             )
 
-        record = self.store.get(job_id)
-        queue_wait_s = (record.started_at or record.submitted_at) - record.submitted_at if record else None
+        queue_wait_s = record.started_at - record.submitted_at
         meta = {
             "job_id": job_id,
             **options.model_dump(exclude={"seed", "adapter"}),
             "seeds": output.seeds,
-            "adapter": output.adapter,
-            "adapter_version": output.adapter_version,
+            "adapter": plan.adapter,
+            "adapter_version": plan.adapter_version,
             "scheduler": output.scheduler,
             "base_model": self.settings.base_model,
             "images": [
@@ -229,7 +223,7 @@ class GenerationService:
             "worker": self.worker_name,
             "device": self.device,
             "attempt": attempt,
-            "queue_wait_s": round(queue_wait_s, 3) if queue_wait_s is not None else None,
+            "queue_wait_s": round(queue_wait_s, 3),
             "render_s": round(output.render_s, 3),
             "warnings": output.warnings,
         }
