@@ -86,6 +86,29 @@ def service_settings(redis_url: str, namespace: str, **overrides) -> ServiceSett
     )
 
 
+def service_env(settings: ServiceSettings) -> dict[str, str]:
+    """The environment a process of the service of `settings` gets (a worker, a CLI)."""
+    return {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "QUEUE_NAME": settings.queue_name,
+        "KEY_PREFIX": settings.key_prefix,
+        "MAX_QUEUE_LENGTH": str(settings.max_queue_length),
+    }
+
+
+def run_cli(settings: ServiceSettings, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run one of the console scripts (`imagine`, `imagine-admin`) as a user would."""
+    return subprocess.run(
+        [str(BIN / program), *args],
+        env=service_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 class WorkerProcess:
     """`celery -A worker worker` as an operator starts it, in its own process."""
 
@@ -97,10 +120,7 @@ class WorkerProcess:
         self.name = f"{name}@test"
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.env = {
-            **os.environ,
-            "REDIS_URL": settings.redis_url,
-            "QUEUE_NAME": settings.queue_name,
-            "KEY_PREFIX": settings.key_prefix,
+            **service_env(settings),
             "WORKER_HEARTBEAT_S": str(settings.worker_heartbeat_s),
             "WORKER_DEAD_AFTER_S": str(settings.worker_dead_after_s),
             "MAX_JOB_ATTEMPTS": str(settings.max_job_attempts),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
@@ -11,7 +10,7 @@ import uuid
 import pytest
 
 from imagine.client import ImagineClient
-from tests.helpers import BIN, REPO, pixels, service_settings, wait_for, write_adapter
+from tests.helpers import pixels, run_cli, service_settings, wait_for, write_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,15 +37,7 @@ def publish(lora_dir, name: str, weights, layout: str = "diffusers") -> None:
 
 
 def admin(settings, *args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "QUEUE_NAME": settings.queue_name,
-        "KEY_PREFIX": settings.key_prefix,
-    }
-    return subprocess.run(
-        [str(BIN / "imagine-admin"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    return run_cli(settings, "imagine-admin", *args)
 
 
 def test_reload_serves_new_weights_and_refuses_a_corrupted_file(start_worker, tmp_path, adapter_weights):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 
 import pytest
 
 from imagine.client import ImagineClient, QueueFull
 from imagine.contract import JobRejected
 from imagine.queue import send_job
-from tests.helpers import BIN, REPO, pixels, png_size, wait_for
+from tests.helpers import pixels, png_size, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -156,14 +154,10 @@ def test_queue_cap_refuses_politely(shared_service):
 
 def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):
     settings, worker, _ = shared_service
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "QUEUE_NAME": settings.queue_name,
-        "KEY_PREFIX": settings.key_prefix,
-    }
-    command = [
-        str(BIN / "imagine"),
+    small = ["--width", "64", "--height", "64"]
+    done = run_cli(
+        settings,
+        "imagine",
         "a dog running on a beach",
         "--seed",
         "7",
@@ -171,16 +165,12 @@ def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):
         "4",
         "--count",
         "2",
-        "--width",
-        "64",
-        "--height",
-        "64",
+        *small,
         "--adapter",
         "flickr30k",
         "--out",
         str(tmp_path),
-    ]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    )
     assert done.returncode == 0, done.stderr
     pngs = sorted(tmp_path.glob("*.png"))
     assert [path.name.split("-", 1)[1] for path in pngs] == ["0-seed7.png", "1-seed8.png"]
@@ -197,28 +187,12 @@ def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):
     again = client.result(run_job(client, seed=7, num_images_per_prompt=2, adapter="flickr30k")[0])
     assert again.images == [path.read_bytes() for path in pngs]  # the same seed from another front end
 
-    refused = subprocess.run([*command[:2], "--steps", "0"], env=env, capture_output=True, text=True, timeout=60)
+    refused = run_cli(settings, "imagine", "a dog", "--steps", "0")
     assert refused.returncode == 2
     assert "refused: num_inference_steps must be an integer from 1 to 100 (got 0)" in refused.stderr
 
-    failed = subprocess.run(
-        [
-            *command[:2],
-            "--steps",
-            "2",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--adapter",
-            "ghost",
-            "--out",
-            str(tmp_path / "f"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    failed = run_cli(
+        settings, "imagine", "a dog", "--steps", "2", *small, "--adapter", "ghost", "--out", str(tmp_path / "f")
     )
     assert failed.returncode == 1 and "job failed: adapter 'ghost' is not loaded" in failed.stderr
 
@@ -227,18 +201,10 @@ def test_imagine_admin_queue_and_adapters_read_the_live_service(shared_service):
     settings, worker, _ = shared_service
     client = ImagineClient(settings)
     run_job(client, adapter="none")
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "QUEUE_NAME": settings.queue_name,
-        "KEY_PREFIX": settings.key_prefix,
-    }
-    queue = subprocess.run([str(BIN / "imagine-admin"), "queue"], env=env, capture_output=True, text=True, timeout=60)
+    queue = run_cli(settings, "imagine-admin", "queue")
     assert queue.returncode == 0, queue.stderr
     assert "queued:          0" in queue.stdout and "workers online:  1" in queue.stdout
     assert f"{worker.name}: idle" in queue.stdout and "recent render:   0." in queue.stdout
-    adapters = subprocess.run(
-        [str(BIN / "imagine-admin"), "adapters"], env=env, capture_output=True, text=True, timeout=60
-    )
+    adapters = run_cli(settings, "imagine-admin", "adapters")
     assert "flickr30k (default)" in adapters.stdout
     assert "flickr30k-kohya" in adapters.stdout and "kohya" in adapters.stdout
