@@ -58,12 +58,20 @@ class ImagineClient:
         payload = checked.model_dump()
         position = self.store.create(job_id, payload, self.client_name, owner, self.settings.max_queue_length)
         if position is None:
-            raise QueueFull(
-                f"The queue is full ({self.settings.max_queue_length} jobs waiting); try again in a few minutes."
-            )
+            raise self._queue_full()
         self.store.append_event(job_id, {"type": "queued", "position": position})
         send_job(self.app, job_id, payload, attempt=1)
         return SubmittedJob(job_id=job_id, options=checked, position=position)
+
+    def ensure_room(self) -> None:
+        """Raise QueueFull when no job can be queued now (a check ahead of `submit`, which checks again)."""
+        if self.store.queue_length() >= self.settings.max_queue_length:
+            raise self._queue_full()
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"The queue is full ({self.settings.max_queue_length} jobs waiting); try again in a few minutes."
+        )
 
     def events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """The job's events in order (queued, started, step..., then done, failed or cancelled)."""

@@ -115,6 +115,14 @@ class JobRecord:
 
 
 @dataclass
+class EventCursor:
+    """Where a follower is in a job's event stream."""
+
+    last_id: str = "0"
+    last_position: int | None = None
+
+
+@dataclass
 class JobResult:
     """What a finished job produced: its metadata and the PNG bytes of each image that passed."""
 
@@ -293,25 +301,34 @@ class JobStore:
             return []
         return [(entry_id.decode(), json.loads(fields[b"event"])) for entry_id, fields in answer[0][1]]
 
+    def poll_events(self, job_id: str, cursor: EventCursor, block_ms: int | None = None) -> list[dict[str, Any]]:
+        """The job's next events after `cursor` (which it advances), waiting up to `block_ms` for one.
+        While the job waits in the queue, a fresh `queued` event reports each change of its position.
+        Raises LookupError once the job is unknown or expired."""
+        events = []
+        for entry_id, event in self.read_events(job_id, cursor.last_id, block_ms=block_ms):
+            cursor.last_id = entry_id
+            if event["type"] == "queued":
+                cursor.last_position = event.get("position")
+            events.append(event)
+        if events:
+            return events
+        position = self.position(job_id)
+        if position is not None and cursor.last_position is not None and position != cursor.last_position:
+            cursor.last_position = position
+            return [{"type": "queued", "job_id": job_id, "ts": time.time(), "position": position}]
+        if not self.redis.exists(self.key("job", job_id)):
+            raise LookupError(f"job {job_id} is unknown or has expired")
+        return []
+
     def follow(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
-        """Yield the job's events in order until a terminal one; while queued, a fresh `queued` event
-        is yielded each time the job's position in the queue changes."""
-        last_id = "0"
-        last_position = None
+        """Yield the job's events in order until a terminal one (see `poll_events`)."""
+        cursor = EventCursor()
         while True:
-            for entry_id, event in self.read_events(job_id, last_id, block_ms=int(poll_s * 1000)):
-                last_id = entry_id
-                if event["type"] == "queued":
-                    last_position = event.get("position")
+            for event in self.poll_events(job_id, cursor, block_ms=int(poll_s * 1000)):
                 yield event
                 if event["type"] in TERMINAL_EVENTS:
                     return
-            position = self.position(job_id)
-            if position is not None and last_position is not None and position != last_position:
-                last_position = position
-                yield {"type": "queued", "job_id": job_id, "ts": time.time(), "position": position}
-            if self.get(job_id) is None:
-                raise LookupError(f"job {job_id} is unknown or has expired")
 
     # Results ----------------------------------------------------------------------------------
 

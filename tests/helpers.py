@@ -109,69 +109,43 @@ def run_cli(settings: ServiceSettings, program: str, *args: str, timeout: float 
     )
 
 
-class WorkerProcess:
-    """`celery -A worker worker` as an operator starts it, in its own process."""
+class ServiceProcess:
+    """One of the service's processes, started as an operator starts it, with its log in a file."""
 
-    def __init__(
-        self, settings: ServiceSettings, name: str, log_dir: Path, memory_limit: int | None = None, **env: str
-    ) -> None:
+    command: list[str]
+    label: str
+
+    def __init__(self, settings: ServiceSettings, name: str, log_dir: Path, env: dict[str, str]) -> None:
         self.settings = settings
-        self.memory_limit = memory_limit
-        self.name = f"{name}@test"
+        self.name = name
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self.env = {
-            **service_env(settings),
-            "WORKER_HEARTBEAT_S": str(settings.worker_heartbeat_s),
-            "WORKER_DEAD_AFTER_S": str(settings.worker_dead_after_s),
-            "MAX_JOB_ATTEMPTS": str(settings.max_job_attempts),
-            "WARMUP_STEPS": "1",
-            "PROGRESS_INTERVAL_S": "0",
-            "PREVIEW_INTERVAL_S": "0",
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
+        self.env = {**service_env(settings), "PYTHONUNBUFFERED": "1", **env}
         self.process: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> WorkerProcess:
+    def start(self, wait: bool = True):
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [
-                str(BIN / "celery"),
-                "-A",
-                "worker",
-                "worker",
-                "-n",
-                self.name,
-                "-l",
-                "info",
-                "--without-mingle",
-                "--without-gossip",
-            ],
+            self.command,
             cwd=REPO,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=self._limit_memory if self.memory_limit else None,
+            preexec_fn=self.prepare_child,
         )
         if wait:
-            self.wait_ready()
+            wait_for(self._ready_or_dead, 120, f"{self.label} {self.name} to be ready")
         return self
 
-    def _limit_memory(self) -> None:
-        # A ceiling on the address space makes a too-large allocation fail the way a full GPU does.
-        import resource
+    def prepare_child(self) -> None:
+        """Runs in the child before it starts."""
 
-        resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
+    def is_ready(self) -> bool:
+        raise NotImplementedError
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        store = JobStore.from_url(self.settings.redis_url, self.settings.key_prefix, 60)
-
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited ({self.process.returncode}):\n{self.log()}")
-            return self.name in store.workers(alive_within_s=5)
-
-        wait_for(ready, timeout, f"worker {self.name} to be ready")
+    def _ready_or_dead(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.label} {self.name} exited ({self.process.returncode}):\n{self.log()}")
+        return self.is_ready()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -187,6 +161,49 @@ class WorkerProcess:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class WorkerProcess(ServiceProcess):
+    """`celery -A worker worker`."""
+
+    label = "worker"
+
+    def __init__(
+        self, settings: ServiceSettings, name: str, log_dir: Path, memory_limit: int | None = None, **env: str
+    ) -> None:
+        defaults = {
+            "WORKER_HEARTBEAT_S": str(settings.worker_heartbeat_s),
+            "WORKER_DEAD_AFTER_S": str(settings.worker_dead_after_s),
+            "MAX_JOB_ATTEMPTS": str(settings.max_job_attempts),
+            "WARMUP_STEPS": "1",
+            "PROGRESS_INTERVAL_S": "0",
+            "PREVIEW_INTERVAL_S": "0",
+        }
+        super().__init__(settings, f"{name}@test", log_dir, {**defaults, **env})
+        self.memory_limit = memory_limit
+        self.command = [
+            str(BIN / "celery"),
+            "-A",
+            "worker",
+            "worker",
+            "-n",
+            self.name,
+            "-l",
+            "info",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        self._store = JobStore.from_url(settings.redis_url, settings.key_prefix, 60)
+
+    def prepare_child(self) -> None:
+        if self.memory_limit:
+            # A ceiling on the address space makes a too-large allocation fail the way a full GPU does.
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
+
+    def is_ready(self) -> bool:
+        return self.name in self._store.workers(alive_within_s=5)
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -1,0 +1,64 @@
+"""Admin commands: hot-reload adapters on every worker, list adapters, look at the queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.app import ImagineBot
+from imagine.admin import format_adapters, format_queue, format_reload
+
+DISCORD_MESSAGE_CHARS = 2000
+
+
+def admins_only():
+    async def predicate(interaction: discord.Interaction) -> bool:
+        if not interaction.client.is_admin(interaction):
+            raise app_commands.CheckFailure("This command is for the bot's admins.")
+        return True
+
+    return app_commands.check(predicate)
+
+
+def as_code_block(text: str) -> str:
+    limit = DISCORD_MESSAGE_CHARS - 8
+    if len(text) > limit:
+        text = text[: limit - 2] + "\n…"
+    return f"```\n{text}\n```"
+
+
+class AdminCog(commands.Cog):
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="reload-adapter", description="Hot-reload a LoRA adapter (or all) on every worker.")
+    @app_commands.describe(name="Adapter to reload; all adapters when left out.")
+    @app_commands.default_permissions(manage_guild=True)
+    @admins_only()
+    async def reload_adapter(self, interaction: discord.Interaction, name: str | None = None) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        outcome = await asyncio.to_thread(
+            self.bot.client.reload_adapters, name, timeout_s=self.bot.settings.reload_timeout_s
+        )
+        await interaction.followup.send(as_code_block(format_reload(outcome)), ephemeral=True)
+
+    @app_commands.command(name="adapters", description="The adapters on each worker, their versions, the default.")
+    @app_commands.default_permissions(manage_guild=True)
+    @admins_only()
+    async def adapters(self, interaction: discord.Interaction) -> None:
+        text = await asyncio.to_thread(format_adapters, self.bot.client)
+        await interaction.response.send_message(as_code_block(text), ephemeral=True)
+
+    @app_commands.command(name="queue", description="Queue depth, running jobs, workers online, recent render time.")
+    @app_commands.default_permissions(manage_guild=True)
+    @admins_only()
+    async def queue(self, interaction: discord.Interaction) -> None:
+        text = await asyncio.to_thread(format_queue, self.bot.client)
+        await interaction.response.send_message(as_code_block(text), ephemeral=True)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(AdminCog(bot))

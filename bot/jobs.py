@@ -1,0 +1,238 @@
+"""Jobs from Discord: submit, follow with live edits, deliver once, and the buttons under the messages.
+
+The result never depends on the interaction token (it lives 15 minutes): the bot keeps where each
+job goes in Redis, edits its message while the token is good, and otherwise posts into the channel,
+mentioning only the requester. A restarted bot resumes every job it had not delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot import messages
+from bot.deliveries import INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
+from bot.limits import UserLimits
+from imagine.client import ImagineClient
+from imagine.contract import JobRejected, parse_job_options
+from imagine.store import TERMINAL_EVENTS, EventCursor
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.5
+VARIATION_SEED_STEP = 1
+"""Variations of an image use the seeds right after its own."""
+
+
+class JobRunner:
+    def __init__(self, bot: ImagineBot, client: ImagineClient, deliveries: DeliveryStore, limits: UserLimits) -> None:
+        self.bot = bot
+        self.client = client
+        self.deliveries = deliveries
+        self.limits = limits
+        self.settings = bot.settings
+        self._followers: dict[str, asyncio.Task] = {}
+
+    # Submitting ------------------------------------------------------------------------------
+
+    async def submit(self, interaction: discord.Interaction, options: dict[str, Any]) -> None:
+        """Check, acknowledge, enqueue and follow one job for the user of `interaction`.
+
+        Refusals (a bad option, a limit, a full queue) are ephemeral replies; they come before the
+        deferral so that only the requester sees them."""
+        try:
+            checked = parse_job_options(options, self.client.settings.limits)
+            await asyncio.to_thread(self.client.ensure_room)
+            if not (self.settings.admins_exempt_from_limits and self.bot.is_admin(interaction)):
+                await asyncio.to_thread(self.limits.admit, interaction.user.id)
+        except JobRejected as refusal:
+            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        try:
+            job = await asyncio.to_thread(self.client.submit, checked, str(interaction.user.id))
+        except JobRejected as refusal:  # the queue filled up in the last milliseconds
+            await interaction.edit_original_response(content=f"⚠️ {refusal}")
+            return
+        original = await interaction.original_response()
+        delivery = Delivery(
+            job_id=job.job_id,
+            user_id=interaction.user.id,
+            channel_id=interaction.channel_id,
+            application_id=interaction.application_id,
+            interaction_token=interaction.token,
+            token_expires_at=interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_S,
+            message_id=original.id,
+        )
+        self.deliveries.save(delivery)
+        logger.info("job %s submitted by user %s", job.job_id, interaction.user.id)
+        self.follow(delivery)
+
+    # Following -------------------------------------------------------------------------------
+
+    def follow(self, delivery: Delivery) -> None:
+        if delivery.job_id not in self._followers:
+            task = asyncio.create_task(self._follow(delivery), name=f"follow-{delivery.job_id}")
+            self._followers[delivery.job_id] = task
+            task.add_done_callback(lambda _: self._followers.pop(delivery.job_id, None))
+
+    def resume_all(self) -> int:
+        """Follow again every job not yet delivered (after a restart): finished ones are delivered now."""
+        pending = self.deliveries.pending()
+        for delivery in pending:
+            self.follow(delivery)
+        return len(pending)
+
+    async def stop(self) -> None:
+        for task in list(self._followers.values()):
+            task.cancel()
+        await asyncio.gather(*self._followers.values(), return_exceptions=True)
+
+    async def _follow(self, delivery: Delivery) -> None:
+        job = await asyncio.to_thread(self.client.job, delivery.job_id)
+        if job is None:
+            self.deliveries.remove(delivery.job_id)
+            return
+        prompt = job.options["prompt"]
+        cursor = EventCursor()
+        latest: dict[str, Any] | None = None
+        preview: bytes | None = None
+        last_edit = 0.0
+        while True:
+            try:
+                events = await asyncio.to_thread(self.client.store.poll_events, delivery.job_id, cursor)
+            except LookupError:
+                self.deliveries.remove(delivery.job_id)
+                return
+            for event in events:
+                if event["type"] in TERMINAL_EVENTS:
+                    await self._finish(delivery, prompt, event)
+                    return
+                latest = event
+                if event.get("preview_png"):
+                    preview = base64.b64decode(event["preview_png"])
+            if latest is not None and time.monotonic() - last_edit >= self.settings.progress_edit_interval_s:
+                await self._show_progress(delivery, prompt, latest, preview)
+                latest, preview, last_edit = None, None, time.monotonic()
+            await asyncio.sleep(POLL_S)
+
+    async def _show_progress(self, delivery: Delivery, prompt: str, event: dict, preview: bytes | None) -> None:
+        if not delivery.token_usable:
+            return  # progress goes through the interaction token only; the result does not need it
+        wait_s = None
+        if event["type"] == "queued" and event.get("position"):
+            wait_s = (await asyncio.to_thread(self.client.queue_stats)).estimated_wait_s(event["position"])
+        attachments = [messages.preview_file(preview)] if preview else discord.utils.MISSING
+        with contextlib.suppress(discord.HTTPException):
+            await self._webhook(delivery).edit_message(
+                delivery.message_id,
+                content=messages.progress_text(prompt, event, wait_s),
+                attachments=attachments,
+                view=messages.progress_view(delivery.job_id, delivery.user_id),
+            )
+
+    async def _finish(self, delivery: Delivery, prompt: str, event: dict[str, Any]) -> None:
+        if event["type"] == "done":
+            result = await asyncio.to_thread(self.client.result, delivery.job_id)
+            if result is None:  # delivered already (another bot instance) or expired
+                self.deliveries.remove(delivery.job_id)
+                return
+            await self._deliver(
+                delivery,
+                content="",
+                channel_note="your images are ready",
+                embed=messages.result_embed(result, delivery.user_id),
+                files=lambda: messages.result_files(result),
+                view=messages.result_view(result, delivery.user_id),
+            )
+            await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
+        elif event["type"] == "failed":
+            text = f"**{messages.short_prompt(prompt)}**\n❌ The job failed: {messages.escape(event['message'])}"
+            await self._deliver(delivery, content=text, channel_note="your job failed")
+            await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
+        else:
+            text = f"**{messages.short_prompt(prompt)}**\n🚫 Cancelled."
+            if delivery.token_usable:
+                with contextlib.suppress(discord.HTTPException):
+                    await self._webhook(delivery).edit_message(delivery.message_id, content=text, view=None)
+            await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
+        self.deliveries.remove(delivery.job_id)
+        logger.info("job %s delivered (%s)", delivery.job_id, event["type"])
+
+    async def _deliver(
+        self, delivery: Delivery, content: str, channel_note: str, embed=None, files=None, view=None
+    ) -> None:
+        """Edit the job's message while the token is good; else post in the channel for the requester."""
+        if delivery.token_usable:
+            try:
+                await self._webhook(delivery).edit_message(
+                    delivery.message_id,
+                    content=content or None,
+                    embed=embed,
+                    attachments=files() if files else [],
+                    view=view,
+                )
+                return
+            except discord.HTTPException as error:
+                logger.warning(
+                    "job %s: editing its message failed (%s); posting in the channel", delivery.job_id, error.status
+                )
+        channel = self.bot.get_partial_messageable(delivery.channel_id)
+        requester = discord.Object(delivery.user_id)
+        await channel.send(
+            content=f"<@{delivery.user_id}> {channel_note}" + (f"\n{content}" if content else ""),
+            embed=embed,
+            files=files() if files else discord.utils.MISSING,
+            view=view or discord.utils.MISSING,
+            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=[requester]),
+        )
+
+    def _webhook(self, delivery: Delivery) -> discord.Webhook:
+        return discord.Webhook.partial(delivery.application_id, delivery.interaction_token, client=self.bot)
+
+    # Buttons ---------------------------------------------------------------------------------
+
+    async def on_button(
+        self, interaction: discord.Interaction, action: str, owner_id: int, job_id: str, index: int | None
+    ) -> None:
+        allowed = interaction.user.id == owner_id or self.bot.is_admin(interaction)
+        if action in ("cancel", "delete") and not allowed:
+            await interaction.response.send_message(
+                f"Only <@{owner_id}> or an admin can {action} this.",
+                ephemeral=True,
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+            return
+        if action == "cancel":
+            outcome = await asyncio.to_thread(self.client.cancel, job_id)
+            answer = {"cancelled": "Cancelled.", "cancelling": "Stopping it at the next step."}.get(
+                outcome, f"Too late to cancel: the job is {outcome}."
+            )
+            await interaction.response.send_message(answer, ephemeral=True)
+        elif action == "delete":
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            await interaction.message.delete()
+            await interaction.followup.send("Deleted.", ephemeral=True)
+        else:
+            record = await asyncio.to_thread(self.client.job, job_id)
+            if record is None:
+                await interaction.response.send_message(
+                    "This job is too old to reroll; use /imagine again.", ephemeral=True
+                )
+                return
+            options = dict(record.options)
+            if action == "reroll":
+                options["seed"] = None
+            else:
+                image_seed = options["seed"] + index
+                options["seed"] = image_seed + VARIATION_SEED_STEP
+            await self.submit(interaction, options)
