@@ -25,8 +25,9 @@ class Delivery:
     """The bot's message showing the job: edited with progress, then with the images."""
 
     @property
-    def token_usable(self) -> bool:
-        return time.time() < self.token_expires_at - TOKEN_MARGIN_S
+    def editable(self) -> bool:
+        """Whether the job's message can still be edited through the interaction token."""
+        return self.message_id is not None and time.time() < self.token_expires_at - TOKEN_MARGIN_S
 
 
 class DeliveryStore:

@@ -63,7 +63,6 @@ class JobRunner:
         except JobRejected as refusal:  # the queue filled up in the last milliseconds
             await interaction.edit_original_response(content=f"⚠️ {refusal}")
             return
-        original = await interaction.original_response()
         delivery = Delivery(
             job_id=job.job_id,
             user_id=interaction.user.id,
@@ -71,9 +70,15 @@ class JobRunner:
             application_id=interaction.application_id,
             interaction_token=interaction.token,
             token_expires_at=interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_S,
-            message_id=original.id,
         )
-        self.deliveries.save(delivery)
+        self.deliveries.save(delivery)  # first: the job is on its way, whatever happens to the message
+        try:
+            delivery.message_id = (await interaction.original_response()).id
+            self.deliveries.save(delivery)
+        except discord.HTTPException as error:
+            logger.warning(
+                "job %s: no message to edit (%s); the result will go to the channel", job.job_id, error.status
+            )
         logger.info("job %s submitted by user %s", job.job_id, interaction.user.id)
         self.follow(delivery)
 
@@ -126,7 +131,7 @@ class JobRunner:
             await asyncio.sleep(POLL_S)
 
     async def _show_progress(self, delivery: Delivery, prompt: str, event: dict, preview: bytes | None) -> None:
-        if not delivery.token_usable:
+        if not delivery.editable:
             return  # progress goes through the interaction token only; the result does not need it
         wait_s = None
         if event["type"] == "queued" and event.get("position"):
@@ -161,7 +166,7 @@ class JobRunner:
             await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
         else:
             text = f"**{messages.short_prompt(prompt)}**\n🚫 Cancelled."
-            if delivery.token_usable:
+            if delivery.editable:
                 with contextlib.suppress(discord.HTTPException):
                     await self._webhook(delivery).edit_message(delivery.message_id, content=text, view=None)
             await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
@@ -172,7 +177,7 @@ class JobRunner:
         self, delivery: Delivery, content: str, channel_note: str, embed=None, files=None, view=None
     ) -> None:
         """Edit the job's message while the token is good; else post in the channel for the requester."""
-        if delivery.token_usable:
+        if delivery.editable:
             try:
                 await self._webhook(delivery).edit_message(
                     delivery.message_id,

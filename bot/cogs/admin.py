@@ -37,6 +37,7 @@ class AdminCog(commands.Cog):
     @app_commands.command(name="reload-adapter", description="Hot-reload a LoRA adapter (or all) on every worker.")
     @app_commands.describe(name="Adapter to reload; all adapters when left out.")
     @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
     @admins_only()
     async def reload_adapter(self, interaction: discord.Interaction, name: str | None = None) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -47,6 +48,7 @@ class AdminCog(commands.Cog):
 
     @app_commands.command(name="adapters", description="The adapters on each worker, their versions, the default.")
     @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
     @admins_only()
     async def adapters(self, interaction: discord.Interaction) -> None:
         text = await asyncio.to_thread(format_adapters, self.bot.client)
@@ -54,6 +56,7 @@ class AdminCog(commands.Cog):
 
     @app_commands.command(name="queue", description="Queue depth, running jobs, workers online, recent render time.")
     @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
     @admins_only()
     async def queue(self, interaction: discord.Interaction) -> None:
         text = await asyncio.to_thread(format_queue, self.bot.client)

@@ -21,6 +21,7 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
     max_images = ranges["num_images_per_prompt"][1]
 
     @app_commands.command(name="imagine", description="Draw an image from a text prompt.")
+    @app_commands.guild_only()
     @app_commands.describe(
         prompt="What to draw.",
         negative_prompt="What to keep out of the image.",

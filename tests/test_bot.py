@@ -1,0 +1,308 @@
+"""The Discord bot end to end: the real discord.py client (`python -m bot`) logged in to a fake Discord,
+a real Redis, and a real worker on the tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from imagine.client import ImagineClient
+from tests.fake_discord import FakeDiscord, FakeRole, FakeUser
+from tests.helpers import ServiceProcess, pixels, service_settings, wait_for, write_adapter
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ALICE = FakeUser(id=1001, name="alice")
+BOB = FakeUser(id=1002, name="bob")
+CAROL = FakeUser(id=1003, name="carol")
+ADMIN = FakeUser(id=1009, name="admin")
+ADMIN_ROLE = FakeRole(id=5005, name="image-admins")
+EPHEMERAL = 64
+SMALL = {"steps": 3, "seed": 7}
+BUSY = {"prompt": "keeps the worker busy", "width": 512, "height": 512, "num_inference_steps": 40, "adapter": "none"}
+
+
+class BotProcess(ServiceProcess):
+    """`python -m bot`, pointed at the fake Discord."""
+
+    label = "bot"
+
+    def __init__(self, settings, fake: FakeDiscord, log_dir, **env: str) -> None:
+        defaults = {
+            "DISCORD_TOKEN": fake.token,
+            "DISCORD_API_BASE": f"{fake.base_url}/api/v10",
+            "DISCORD_GATEWAY_URL": fake.gateway_url,
+            "DISCORD_GUILD_IDS": str(fake.guild_id),
+            "ADMIN_ROLE_IDS": str(ADMIN_ROLE.id),
+            "ADMINS_BY_MANAGE_GUILD": "false",
+            "USER_COOLDOWN_S": "0",
+            "PROGRESS_EDIT_INTERVAL_S": "0.2",
+        }
+        super().__init__(settings, "bot", log_dir, {**defaults, **env})
+        self.fake = fake
+        self.command = [sys.executable, "-m", "bot"]
+        self._identified_before = 0
+
+    def start(self, wait: bool = True):
+        self._identified_before = self.fake.identify_count
+        return super().start(wait)
+
+    def is_ready(self) -> bool:
+        return self.fake.connected and self.fake.identify_count > self._identified_before
+
+
+@pytest.fixture(scope="module")
+def discord_env(redis_server, model_cache, tmp_path_factory, adapter_weights):
+    """A fake Discord with alice, bob, carol and an admin; a worker; the bot logged in."""
+    from tests.helpers import WorkerProcess
+
+    logs = tmp_path_factory.mktemp("bot-logs")
+    lora_dir = tmp_path_factory.mktemp("bot-loradir")
+    write_adapter(lora_dir / "flickr30k", "peft", adapter_weights["v1"])
+    settings = service_settings(redis_server.url, f"b{uuid.uuid4().hex[:8]}", max_queue_length=4)
+    worker = WorkerProcess(
+        settings,
+        "botworker",
+        logs,
+        BASE_MODEL="tiny",
+        MODEL_CACHE_DIR=str(model_cache),
+        LORA_DIR=str(lora_dir),
+        DEFAULT_ADAPTER="flickr30k",
+        PROGRESS_INTERVAL_S="0.1",
+        PREVIEW_INTERVAL_S="0.1",
+    ).start()
+    fake = FakeDiscord()
+    fake.start()
+    fake.add_role(ADMIN_ROLE)
+    for user in (ALICE, BOB, CAROL):
+        fake.add_member(user)
+    fake.add_member(ADMIN, role_ids=[ADMIN_ROLE.id])
+    bot = BotProcess(settings, fake, logs, MAX_PENDING_PER_USER="2").start()
+    yield settings, fake, bot, worker
+    bot.stop()
+    fake.stop()
+    worker.stop()
+
+
+def final_message(fake: FakeDiscord, interaction_id: str) -> dict:
+    interaction = fake.interaction(interaction_id)
+    return fake.wait_for(
+        lambda: interaction.original if interaction.original and interaction.original.get("embeds") else None,
+        timeout=60,
+        what="the result to replace the progress message",
+    )
+
+
+def ephemeral_reply(fake: FakeDiscord, interaction_id: str) -> str:
+    interaction = fake.interaction(interaction_id)
+
+    def reply():
+        for callback in interaction.callbacks:
+            if callback["type"] == 4 and callback["data"].get("flags", 0) & EPHEMERAL:
+                return callback["data"]["content"]
+        for followup in interaction.followups:
+            if followup.get("flags", 0) & EPHEMERAL:
+                return followup["content"]
+        return None
+
+    return fake.wait_for(reply, timeout=30, what="an ephemeral reply")
+
+
+def occupy_worker(settings) -> str:
+    client = ImagineClient(settings)
+    job = client.submit(BUSY)
+    wait_for(lambda: client.job(job.job_id).state == "running", 30, "the worker to be busy")
+    return job.job_id
+
+
+def wait_idle(settings, job_id: str) -> None:
+    client = ImagineClient(settings)
+    client.cancel(job_id)
+    wait_for(lambda: client.job(job_id).state in ("done", "cancelled", "failed"), 60, "the busy job to end")
+
+
+def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
+    settings, fake, _, worker = discord_env
+    interaction_id = fake.send_slash_command(
+        ALICE, "imagine", {"prompt": "a dog on a beach", "count": 2, "size": "square", **SMALL}
+    )
+    interaction = fake.interaction(interaction_id)
+    fake.wait_for(lambda: interaction.callbacks, what="the deferral")
+    assert interaction.callbacks[0]["type"] == 5  # deferred, within Discord's 3 s
+    message = final_message(fake, interaction_id)
+
+    progress = [edit.get("content") or "" for edit in interaction.original_edits]
+    assert any("step" in text for text in progress), progress
+    assert len(message["attachments_bytes"]) == 2
+    embed = message["embeds"][0]
+    fields = {field["name"]: field["value"] for field in embed["fields"]}
+    assert fields["Seeds"] == "`7`, `8`" and fields["Steps"] == "3" and fields["Size"] == "512×512"
+    assert fields["Adapter"].startswith("flickr30k (") and fields["Worker"] == f"`{worker.name}`"
+    assert "a dog on a beach" in embed["description"]
+    labels = [component["label"] for row in message["components"] for component in row["components"]]
+    assert labels == ["Reroll", "Variations of 1", "Variations of 2", "Delete"]
+
+    # The bytes are exactly what the service renders for that seed, from any front end.
+    client = ImagineClient(settings)
+    direct = client.submit(
+        {"prompt": "a dog on a beach", "num_inference_steps": 3, "seed": 7, "num_images_per_prompt": 2}
+    )
+    list(client.events(direct.job_id))
+    assert [pixels(png) for png in message["attachments_bytes"]] == [
+        pixels(png) for png in client.result(direct.job_id).images
+    ]
+
+
+def test_reroll_and_delete_buttons_and_a_strangers_click(discord_env):
+    _, fake, _, _ = discord_env
+    first = final_message(fake, fake.send_slash_command(ALICE, "imagine", {"prompt": "a red house", **SMALL}))
+    custom_ids = {c["label"]: c["custom_id"] for row in first["components"] for c in row["components"]}
+
+    refused = fake.click_button(BOB, first, custom_ids["Delete"])
+    assert f"Only <@{ALICE.id}> or an admin can delete this." in ephemeral_reply(fake, refused)
+
+    reroll = fake.click_button(BOB, first, custom_ids["Reroll"])  # anyone may reroll: it is their own job
+    second = final_message(fake, reroll)
+    seeds = {f["name"]: f["value"] for f in second["embeds"][0]["fields"]}["Seeds"]
+    assert seeds != "`7`" and "a red house" in second["embeds"][0]["description"]
+
+    variation = final_message(fake, fake.click_button(ALICE, first, custom_ids["Variations of 1"]))
+    assert {f["name"]: f["value"] for f in variation["embeds"][0]["fields"]}["Seeds"] == "`8`"
+
+    deleted = fake.click_button(ALICE, first, custom_ids["Delete"])
+    assert ephemeral_reply(fake, deleted) == "Deleted."
+    assert fake.interaction(deleted).user == ALICE
+    assert fake.wait_for(lambda: fake.is_deleted(first), what="the message to be deleted")
+
+
+def test_cancel_while_queued_and_a_strangers_cancel(discord_env):
+    settings, fake, _, _ = discord_env
+    busy = occupy_worker(settings)
+    interaction_id = fake.send_slash_command(CAROL, "imagine", {"prompt": "never drawn", **SMALL})
+    interaction = fake.interaction(interaction_id)
+    queued = fake.wait_for(
+        lambda: interaction.original if "Queued" in (interaction.original or {}).get("content", "") else None,
+        what="the queued message",
+    )
+    cancel_id = queued["components"][0]["components"][0]["custom_id"]
+    assert "position 1" in queued["content"]
+    stranger = fake.click_button(BOB, queued, cancel_id)
+    assert "can cancel this" in ephemeral_reply(fake, stranger)
+    owner = fake.click_button(CAROL, queued, cancel_id)
+    assert ephemeral_reply(fake, owner) == "Cancelled."
+    fake.wait_for(lambda: "Cancelled." in interaction.original["content"], what="the message to say cancelled")
+    wait_idle(settings, busy)
+
+
+def test_result_after_the_token_expired_is_posted_in_the_channel(discord_env):
+    settings, fake, _, _ = discord_env
+    busy = occupy_worker(settings)
+    interaction_id = fake.send_slash_command(ALICE, "imagine", {"prompt": "late @everyone", **SMALL})
+    interaction = fake.interaction(interaction_id)
+    fake.wait_for(lambda: "Queued" in (interaction.original or {}).get("content", ""), what="the job to be queued")
+    fake.expire_interaction(interaction_id)
+    wait_idle(settings, busy)
+    posted = fake.wait_for(
+        lambda: [m for m in fake.channel_messages(fake.channel_id) if m.get("embeds")],
+        timeout=60,
+        what="the result in the channel",
+    )
+    (message,) = posted
+    assert message["content"].startswith(f"<@{ALICE.id}> your images are ready")
+    assert message["allowed_mentions_sent"]["parse"] == [] and message["allowed_mentions_sent"]["users"] == [ALICE.id]
+    assert "@\u200beveryone" in message["embeds"][0]["description"]  # escaped: pings no one
+    assert len(message["attachments_bytes"]) == 1
+
+
+def test_bot_restarted_mid_job_delivers_the_result_once(discord_env):
+    settings, fake, bot, _ = discord_env
+    busy = occupy_worker(settings)
+    interaction_id = fake.send_slash_command(BOB, "imagine", {"prompt": "survives a restart", **SMALL})
+    interaction = fake.interaction(interaction_id)
+    fake.wait_for(lambda: "Queued" in (interaction.original or {}).get("content", ""), what="the job to be queued")
+    bot.kill()
+    syncs = fake.sync_calls
+    wait_idle(settings, busy)
+    client = ImagineClient(settings, client_name="discord")
+    wait_for(lambda: client.undelivered(), 60, "the job to finish while the bot is down")
+    bot.start()
+    message = final_message(fake, interaction_id)
+    assert message["embeds"][0]["description"] == "survives a restart"
+    fake.wait_for(lambda: not client.undelivered(), what="the delivery to be confirmed")
+    final_edits = [edit for edit in interaction.original_edits if edit.get("embeds")]
+    assert len(final_edits) == 1
+    assert fake.sync_calls == syncs  # unchanged commands are not synced again
+
+
+def test_admin_reload_reaches_the_worker_and_others_are_refused(discord_env):
+    _, fake, _, worker = discord_env
+    refused = fake.send_slash_command(ALICE, "reload-adapter", {"name": "flickr30k"})
+    assert "This command is for the bot's admins." in ephemeral_reply(fake, refused)
+    allowed = fake.send_slash_command(ADMIN, "reload-adapter", {"name": "flickr30k"})
+    table = ephemeral_reply(fake, allowed)
+    assert worker.name in table and "flickr30k" in table and " ok" in table
+    queue = ephemeral_reply(fake, fake.send_slash_command(ADMIN, "queue", {}))
+    assert "workers online:  1" in queue
+    adapters = ephemeral_reply(fake, fake.send_slash_command(ADMIN, "adapters", {}))
+    assert "flickr30k (default)" in adapters
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 0}, "num_inference_steps must be an integer from 1 to 100 (got 0)"),
+        ({"guidance": 99.0}, "guidance_scale must be a number from 0.0 to 30.0"),
+        ({"count": 9}, "num_images_per_prompt must be an integer from 1 to 4 (got 9)"),
+        ({"seed": -5}, "seed must be an integer from 0 to 4294967295"),
+        ({"size": "poster"}, "size must be one of square, portrait, landscape"),
+        ({"adapter": "../../etc"}, "adapter must be a name of letters"),
+        ({"scheduler": "magic"}, "scheduler must be one of"),
+        ({"adapter_scale": 5.0}, "adapter_scale must be a number from 0.0 to 2.0"),
+    ],
+)
+def test_each_bad_option_gets_an_ephemeral_message(discord_env, options, message):
+    _, fake, _, _ = discord_env
+    # Discord's client would refuse most of these; a modified client or an API call would not.
+    interaction_id = fake.send_slash_command(ALICE, "imagine", {"prompt": "x", **options}, check=False)
+    assert message in ephemeral_reply(fake, interaction_id)
+    (callback,) = fake.interaction(interaction_id).callbacks  # no deferral: nothing was queued
+    assert callback["data"]["flags"] & EPHEMERAL
+
+
+def test_per_user_limit_and_queue_cap_refuse_politely(discord_env):
+    settings, fake, _, _ = discord_env
+    busy = occupy_worker(settings)
+    first = fake.send_slash_command(ALICE, "imagine", {"prompt": "one", **SMALL})
+    second = fake.send_slash_command(ALICE, "imagine", {"prompt": "two", **SMALL})
+    for interaction_id in (first, second):
+        fake.wait_for(lambda i=interaction_id: fake.interaction(i).original, what="a queued job")
+    third = fake.send_slash_command(ALICE, "imagine", {"prompt": "three", **SMALL})
+    assert "You already have 2 jobs queued or rendering (the limit is 2)" in ephemeral_reply(fake, third)
+
+    client = ImagineClient(settings)
+    filler = [
+        client.submit({"prompt": "filler", "num_inference_steps": 2, "width": 64, "height": 64})
+        for _ in range(settings.max_queue_length - client.store.queue_length())
+    ]
+    full = fake.send_slash_command(BOB, "imagine", {"prompt": "no room", **SMALL})
+    assert "The queue is full (4 jobs waiting); try again in a few minutes." in ephemeral_reply(fake, full)
+    for job in filler:
+        client.cancel(job.job_id)
+    wait_idle(settings, busy)
+    for interaction_id in (first, second):
+        final_message(fake, interaction_id)
+
+
+def test_bot_imports_no_torch():
+    probe = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import bot.__main__, bot.app, bot.cogs.imagine, bot.cogs.admin"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in probe.stderr.splitlines() if "|" in line}
+    assert "discord" in imported and "celery" in imported
+    assert not imported & {"torch", "diffusers", "transformers", "peft", "accelerate"}
