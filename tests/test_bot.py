@@ -124,10 +124,13 @@ def wait_idle(settings, job_id: str) -> None:
     wait_for(lambda: client.job(job_id).state in ("done", "cancelled", "failed"), 60, "the busy job to end")
 
 
+PROMPT = "a dog on a beach, *not* <@&123456789012345678> @everyone"
+
+
 def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
     settings, fake, _, worker = discord_env
     interaction_id = fake.send_slash_command(
-        ALICE, "imagine", {"prompt": "a dog on a beach", "count": 2, "size": "square", **SMALL}
+        ALICE, "imagine", {"prompt": PROMPT, "count": 2, "size": "square", **SMALL}
     )
     interaction = fake.interaction(interaction_id)
     fake.wait_for(lambda: interaction.callbacks, what="the deferral")
@@ -141,15 +144,14 @@ def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
     fields = {field["name"]: field["value"] for field in embed["fields"]}
     assert fields["Seeds"] == "`7`, `8`" and fields["Steps"] == "3" and fields["Size"] == "512×512"
     assert fields["Adapter"].startswith("flickr30k (") and fields["Worker"] == f"`{worker.name}`"
-    assert "a dog on a beach" in embed["description"]
+    assert embed["description"] == "a dog on a beach, \\*not\\* <@\u200b&123456789012345678> @\u200beveryone"
+    assert message["mention_everyone"] is False and message["mention_roles"] == []
     labels = [component["label"] for row in message["components"] for component in row["components"]]
     assert labels == ["Reroll", "Variations of 1", "Variations of 2", "Delete"]
 
     # The bytes are exactly what the service renders for that seed, from any front end.
     client = ImagineClient(settings)
-    direct = client.submit(
-        {"prompt": "a dog on a beach", "num_inference_steps": 3, "seed": 7, "num_images_per_prompt": 2}
-    )
+    direct = client.submit({"prompt": PROMPT, "num_inference_steps": 3, "seed": 7, "num_images_per_prompt": 2})
     list(client.events(direct.job_id))
     assert [pixels(png) for png in message["attachments_bytes"]] == [
         pixels(png) for png in client.result(direct.job_id).images
@@ -219,6 +221,7 @@ def test_result_after_the_token_expired_is_posted_in_the_channel(discord_env):
 
 def test_bot_restarted_mid_job_delivers_the_result_once(discord_env):
     settings, fake, bot, _ = discord_env
+    earlier = final_message(fake, fake.send_slash_command(CAROL, "imagine", {"prompt": "from before", **SMALL}))
     busy = occupy_worker(settings)
     interaction_id = fake.send_slash_command(BOB, "imagine", {"prompt": "survives a restart", **SMALL})
     interaction = fake.interaction(interaction_id)
@@ -235,6 +238,10 @@ def test_bot_restarted_mid_job_delivers_the_result_once(discord_env):
     final_edits = [edit for edit in interaction.original_edits if edit.get("embeds")]
     assert len(final_edits) == 1
     assert fake.sync_calls == syncs  # unchanged commands are not synced again
+
+    # Buttons of a message sent before the restart still work.
+    delete = next(c["custom_id"] for row in earlier["components"] for c in row["components"] if c["label"] == "Delete")
+    assert ephemeral_reply(fake, fake.click_button(CAROL, earlier, delete)) == "Deleted."
 
 
 def test_admin_reload_reaches_the_worker_and_others_are_refused(discord_env):
@@ -294,6 +301,15 @@ def test_per_user_limit_and_queue_cap_refuse_politely(discord_env):
     wait_idle(settings, busy)
     for interaction_id in (first, second):
         final_message(fake, interaction_id)
+
+
+def test_adapter_autocomplete_lists_the_workers_adapters(discord_env):
+    _, fake, _, _ = discord_env
+    interaction_id = fake.send_autocomplete(ALICE, "imagine", {"prompt": "x", "adapter": "fl"}, focused="adapter")
+    interaction = fake.interaction(interaction_id)
+    (callback,) = fake.wait_for(lambda: interaction.callbacks, what="the autocomplete answer")
+    assert callback["type"] == 8
+    assert [choice["value"] for choice in callback["data"]["choices"]] == ["flickr30k"]
 
 
 def test_bot_imports_no_torch():
