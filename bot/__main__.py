@@ -6,6 +6,7 @@ import logging
 import sys
 
 import discord
+import pydantic
 import yarl
 
 from bot.app import ImagineBot
@@ -14,8 +15,13 @@ from imagine.client import ImagineClient
 
 
 def main() -> int:
-    settings = BotSettings()
     discord.utils.setup_logging(level=logging.INFO)
+    try:
+        settings = BotSettings()
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        logging.getLogger("bot").critical("bad settings (environment or .env): %s", problems)
+        return 2
     if settings.discord_api_base:
         discord.http.Route.BASE = settings.discord_api_base
     if settings.discord_gateway_url:

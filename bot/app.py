@@ -41,7 +41,15 @@ class JobButton(
         return cls(match["action"], int(match["owner"]), match["job"], int(index) if index is not None else None)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await interaction.client.jobs.on_button(interaction, self.action, self.owner_id, self.job_id, self.index)
+        try:
+            await interaction.client.jobs.on_button(interaction, self.action, self.owner_id, self.job_id, self.index)
+        except Exception:
+            logger.exception("button %s on job %s failed", self.action, self.job_id)
+            message = "Something went wrong on our side; it has been logged. Try again in a moment."
+            if interaction.response.is_done():
+                await interaction.followup.send(message, ephemeral=True)
+            else:
+                await interaction.response.send_message(message, ephemeral=True)
 
 
 class ImagineBot(commands.Bot):

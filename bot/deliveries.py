@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from imagine.store import JobStore
 
 INTERACTION_TOKEN_LIFETIME_S = 15 * 60
+DELIVERY_CLAIM_S = 300
 TOKEN_MARGIN_S = 30
 """Past this much before its expiry, a token is not trusted for a final edit that may need uploads."""
 
@@ -60,6 +61,13 @@ class DeliveryStore:
             else:
                 deliveries.append(delivery)
         return sorted(deliveries, key=lambda delivery: delivery.token_expires_at)
+
+    def claim(self, job_id: str) -> bool:
+        """Take the right to deliver a job for a few minutes: two bot processes never deliver the same job."""
+        return bool(self.redis.set(f"{self._prefix}:{job_id}:delivering", 1, nx=True, ex=DELIVERY_CLAIM_S))
+
+    def release(self, job_id: str) -> None:
+        self.redis.delete(f"{self._prefix}:{job_id}:delivering")
 
     def remove(self, job_id: str) -> None:
         with self.redis.pipeline() as pipe:

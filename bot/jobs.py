@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
-VARIATION_SEED_STEP = 1
-"""Variations of an image use the seeds right after its own."""
 
 
 class JobRunner:
@@ -58,20 +56,22 @@ class JobRunner:
             await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
-        try:
-            job = await asyncio.to_thread(self.client.submit, checked, str(interaction.user.id))
-        except JobRejected as refusal:  # the queue filled up in the last milliseconds
-            await interaction.edit_original_response(content=f"⚠️ {refusal}")
-            return
         delivery = Delivery(
-            job_id=job.job_id,
+            job_id=self.client.new_job_id(),
             user_id=interaction.user.id,
             channel_id=interaction.channel_id,
             application_id=interaction.application_id,
             interaction_token=interaction.token,
             token_expires_at=interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_S,
         )
-        self.deliveries.save(delivery)  # first: the job is on its way, whatever happens to the message
+        # Remembered before the job exists: a bot that dies right after submitting still delivers it.
+        await asyncio.to_thread(self.deliveries.save, delivery)
+        try:
+            job = await asyncio.to_thread(self.client.submit, checked, str(interaction.user.id), delivery.job_id)
+        except JobRejected as refusal:  # the queue filled up in the last milliseconds
+            await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
+            await interaction.edit_original_response(content=f"⚠️ {refusal}")
+            return
         try:
             delivery.message_id = (await interaction.original_response()).id
             self.deliveries.save(delivery)
@@ -112,22 +112,30 @@ class JobRunner:
         latest: dict[str, Any] | None = None
         preview: bytes | None = None
         last_edit = 0.0
+        failures = 0
         while True:
             try:
                 events = await asyncio.to_thread(self.client.store.poll_events, delivery.job_id, cursor)
+                for event in events:
+                    if event["type"] in TERMINAL_EVENTS:
+                        await self._finish(delivery, prompt, event)
+                        return
+                    latest = event
+                    if event.get("preview_png"):
+                        preview = base64.b64decode(event["preview_png"])
+                if latest is not None and time.monotonic() - last_edit >= self.settings.progress_edit_interval_s:
+                    await self._show_progress(delivery, prompt, latest, preview)
+                    latest, preview, last_edit = None, None, time.monotonic()
+                failures = 0
             except LookupError:
-                self.deliveries.remove(delivery.job_id)
+                await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
                 return
-            for event in events:
-                if event["type"] in TERMINAL_EVENTS:
-                    await self._finish(delivery, prompt, event)
-                    return
-                latest = event
-                if event.get("preview_png"):
-                    preview = base64.b64decode(event["preview_png"])
-            if latest is not None and time.monotonic() - last_edit >= self.settings.progress_edit_interval_s:
-                await self._show_progress(delivery, prompt, latest, preview)
-                latest, preview, last_edit = None, None, time.monotonic()
+            except Exception:
+                # Redis or Discord away for a moment: keep the job and try again, more slowly each time.
+                failures += 1
+                logger.exception("job %s: following failed (%d in a row)", delivery.job_id, failures)
+                await asyncio.sleep(min(60.0, POLL_S * 2**failures))
+                continue
             await asyncio.sleep(POLL_S)
 
     async def _show_progress(self, delivery: Delivery, prompt: str, event: dict, preview: bytes | None) -> None:
@@ -146,10 +154,20 @@ class JobRunner:
             )
 
     async def _finish(self, delivery: Delivery, prompt: str, event: dict[str, Any]) -> None:
+        if not await asyncio.to_thread(self.deliveries.claim, delivery.job_id):
+            return  # another bot process is delivering it right now
+        try:
+            await self._deliver_outcome(delivery, prompt, event)
+        except BaseException:
+            await asyncio.to_thread(self.deliveries.release, delivery.job_id)  # let the retry deliver it
+            raise
+        await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
+        logger.info("job %s delivered (%s)", delivery.job_id, event["type"])
+
+    async def _deliver_outcome(self, delivery: Delivery, prompt: str, event: dict[str, Any]) -> None:
         if event["type"] == "done":
             result = await asyncio.to_thread(self.client.result, delivery.job_id)
-            if result is None:  # delivered already (another bot instance) or expired
-                self.deliveries.remove(delivery.job_id)
+            if result is None:  # delivered already (another bot process) or expired
                 return
             await self._deliver(
                 delivery,
@@ -170,8 +188,6 @@ class JobRunner:
                 with contextlib.suppress(discord.HTTPException):
                     await self._webhook(delivery).edit_message(delivery.message_id, content=text, view=None)
             await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
-        self.deliveries.remove(delivery.job_id)
-        logger.info("job %s delivered (%s)", delivery.job_id, event["type"])
 
     async def _deliver(
         self, delivery: Delivery, content: str, channel_note: str, embed=None, files=None, view=None
@@ -199,6 +215,8 @@ class JobRunner:
             files=files() if files else discord.utils.MISSING,
             view=view or discord.utils.MISSING,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=[requester]),
+            # Discord drops a second message with the same nonce, should a crash make us post twice.
+            nonce=delivery.job_id[:25],
         )
 
     def _webhook(self, delivery: Delivery) -> discord.Webhook:
@@ -238,6 +256,7 @@ class JobRunner:
             if action == "reroll":
                 options["seed"] = None
             else:
-                image_seed = options["seed"] + index
-                options["seed"] = image_seed + VARIATION_SEED_STEP
+                # Seeds near the image's own, past every seed of its job and of its siblings' variations.
+                count = options["num_images_per_prompt"]
+                options["seed"] = options["seed"] + count * (index + 1)
             await self.submit(interaction, options)

@@ -68,10 +68,8 @@ def result_embed(result: JobResult, requester_id: int) -> discord.Embed:
 
 
 def result_files(result: JobResult) -> list[discord.File]:
-    kept = [image for image in result.meta["images"] if not image["withheld"]]
     return [
-        discord.File(io.BytesIO(png), filename=f"{result.meta['job_id'][:8]}-{image['index']}-seed{image['seed']}.png")
-        for image, png in zip(kept, result.images, strict=True)
+        discord.File(io.BytesIO(png), filename=result.file_name(image)) for image, png in result.delivered_images()
     ]
 
 

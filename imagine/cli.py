@@ -105,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagine: job {job.job_id} finished but its result has expired", file=sys.stderr)
         return EXIT_FAILED
     args.out.mkdir(parents=True, exist_ok=True)
-    kept = [image for image in result.meta["images"] if not image["withheld"]]
-    for image, png in zip(kept, result.images, strict=True):
-        path = args.out / f"{job.job_id}-{image['index']}-seed{image['seed']}.png"
+    for image, png in result.delivered_images():
+        path = args.out / result.file_name(image)
         path.write_bytes(png)
         image["file"] = path.name
         print(path)

@@ -51,16 +51,26 @@ class ImagineClient:
         self.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
         self.app = make_celery(settings)
 
-    def submit(self, options: dict[str, Any] | JobOptions, owner: str = "") -> SubmittedJob:
-        """Validate and enqueue a job. Raises JobRejected (bad option) or QueueFull."""
+    @staticmethod
+    def new_job_id() -> str:
+        return uuid.uuid4().hex
+
+    def submit(self, options: dict[str, Any] | JobOptions, owner: str = "", job_id: str | None = None) -> SubmittedJob:
+        """Validate and enqueue a job. Raises JobRejected (bad option) or QueueFull.
+
+        A front end that must remember the job before it exists (the bot) passes its own `job_id`."""
         checked = parse_job_options(options, self.settings.limits)
-        job_id = uuid.uuid4().hex
+        job_id = job_id or self.new_job_id()
         payload = checked.model_dump()
         position = self.store.create(job_id, payload, self.client_name, owner, self.settings.max_queue_length)
         if position is None:
             raise self._queue_full()
         self.store.append_event(job_id, {"type": "queued", "position": position})
-        send_job(self.app, job_id, payload, attempt=1)
+        try:
+            send_job(self.app, job_id, payload, attempt=1)
+        except Exception:
+            self.store.cancel(job_id)  # no message on the queue: do not leave it holding a place
+            raise
         return SubmittedJob(job_id=job_id, options=checked, position=position)
 
     def ensure_room(self) -> None:

@@ -19,7 +19,6 @@ Keys (under the configured prefix):
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,14 +41,28 @@ redis.call('SADD', KEYS[3], ARGV[4])
 return 'ok'
 """
 
-# Finish the attempt that holds the job; anything else (a stale duplicate) changes nothing.
+# Finish the attempt that holds the job; anything else (a superseded attempt) changes nothing. The
+# result this attempt staged becomes the job's result only here, so a superseded attempt that ran on
+# (a worker cut off from Redis for a while) can never replace the result of the attempt that won.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then
+  redis.call('DEL', KEYS[4])
   return 0
 end
+if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[5]) end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4], 'reason', ARGV[5])
 redis.call('SREM', KEYS[2], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[6])
+return 1
+"""
+
+# Refresh the heartbeat of the attempt that holds the job; 0 tells a worker it no longer does.
+_HEARTBEAT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[3])
 return 1
 """
 
@@ -83,6 +96,11 @@ if heartbeat and heartbeat > tonumber(ARGV[1]) and redis.call('HGET', KEYS[1], '
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
 redis.call('SREM', KEYS[2], ARGV[3])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  return -2
+end
 if attempt >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[4], 'reason', 'worker_lost',
              'error', 'This job stopped its worker ' .. attempt ..
@@ -91,8 +109,8 @@ if attempt >= tonumber(ARGV[2]) then
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', attempt + 1)
--- Back at its original place in the queue, not behind everything submitted since.
-redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'submitted_at'), ARGV[3])
+-- At the back of the queue, where the broker puts its new message.
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
 return attempt + 1
 """
 
@@ -111,7 +129,6 @@ class JobRecord:
     worker: str | None = None
     error: str | None = None
     reason: str | None = None
-    cancel_requested: bool = False
 
 
 @dataclass
@@ -128,6 +145,14 @@ class JobResult:
 
     meta: dict[str, Any]
     images: list[bytes] = field(default_factory=list)
+
+    def delivered_images(self) -> list[tuple[dict[str, Any], bytes]]:
+        """Each image's metadata with its PNG, for the images the safety checker did not withhold."""
+        kept = [image for image in self.meta["images"] if not image["withheld"]]
+        return list(zip(kept, self.images, strict=True))
+
+    def file_name(self, image: dict[str, Any]) -> str:
+        return f"{self.meta['job_id']}-{image['index']}-seed{image['seed']}.png"
 
 
 def _text(value: bytes | None) -> str | None:
@@ -147,10 +172,17 @@ class JobStore:
         self._finish = redis_client.register_script(_FINISH)
         self._cancel = redis_client.register_script(_CANCEL)
         self._requeue = redis_client.register_script(_REQUEUE)
+        self._heartbeat = redis_client.register_script(_HEARTBEAT)
 
     @classmethod
     def from_url(cls, url: str, prefix: str, ttl_s: int) -> JobStore:
-        return cls(redis.Redis.from_url(url, health_check_interval=30), prefix, ttl_s)
+        # A timeout, so that a half-open connection fails a call instead of hanging a worker or the bot.
+        return cls(redis.Redis.from_url(url, health_check_interval=30, socket_timeout=30), prefix, ttl_s)
+
+    def now(self) -> float:
+        """Redis's clock: workers, bots and CLIs on several machines compare times, so they share one clock."""
+        seconds, microseconds = self.redis.time()
+        return seconds + microseconds / 1e6
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -167,7 +199,7 @@ class JobStore:
     def create(self, job_id: str, options: dict[str, Any], client: str, owner: str, max_queued: int) -> int | None:
         """Record a queued job and return its position (1 = next), or None when the queue is full."""
         pending = self.key("pending")
-        now = time.time()
+        now = self.now()
         with self.redis.pipeline() as pipe:
             while True:
                 try:
@@ -241,16 +273,16 @@ class JobStore:
             worker=_text(raw.get(b"worker")),
             error=_text(raw.get(b"error")) or None,
             reason=_text(raw.get(b"reason")) or None,
-            cancel_requested=raw.get(b"cancel_requested") == b"1",
         )
 
     def claim(self, job_id: str, attempt: int, worker: str) -> str:
         """'ok' when this worker now runs the job; otherwise why not ('stale', 'cancelled', 'done', ...)."""
         keys = [self.key("job", job_id), self.key("pending"), self.key("running")]
-        return self._claim(keys=keys, args=[attempt, worker, time.time(), job_id]).decode()
+        return self._claim(keys=keys, args=[attempt, worker, self.now(), job_id]).decode()
 
-    def heartbeat(self, job_id: str) -> None:
-        self.redis.hset(self.key("job", job_id), "heartbeat_at", time.time())
+    def heartbeat(self, job_id: str, attempt: int, worker: str) -> bool:
+        """Say the attempt is alive; False when it no longer holds the job (requeued, cancelled, expired)."""
+        return bool(self._heartbeat(keys=[self.key("job", job_id)], args=[attempt, worker, self.now()]))
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.key("job", job_id), "cancel_requested") == b"1"
@@ -258,8 +290,14 @@ class JobStore:
     def finish(
         self, job_id: str, attempt: int, state: str, error: str = "", reason: str = "", client: str = ""
     ) -> bool:
-        keys = [self.key("job", job_id), self.key("running"), self.key("finished", client)]
-        args = [attempt, state, time.time(), error, reason, job_id]
+        keys = [
+            self.key("job", job_id),
+            self.key("running"),
+            self.key("finished", client),
+            self._staged_result_key(job_id, attempt),
+            self.key("job", job_id, "result"),
+        ]
+        args = [attempt, state, self.now(), error, reason, job_id]
         return bool(self._finish(keys=keys, args=args))
 
     def cancel(self, job_id: str) -> str:
@@ -267,14 +305,15 @@ class JobStore:
         record = self.get(job_id)
         client = record.client if record else ""
         keys = [self.key("job", job_id), self.key("pending"), self.key("finished", client)]
-        outcome = self._cancel(keys=keys, args=[time.time(), job_id]).decode()
+        outcome = self._cancel(keys=keys, args=[self.now(), job_id]).decode()
         if outcome == "cancelled":
             self.append_event(job_id, {"type": "cancelled", "message": "Cancelled while queued."})
         return outcome
 
     def requeue_if_dead(self, job_id: str, dead_before: float, max_attempts: int, dead_worker: str = "") -> int:
         """Requeue a running job whose heartbeat is older than `dead_before` (or whose worker is
-        `dead_worker`). Returns the new attempt, 0 when it has failed for good, -1 when it was alive."""
+        `dead_worker`). Returns the new attempt, 0 when it has failed for good, -1 when it was alive,
+        -2 when it was being cancelled (it is now)."""
         record = self.get(job_id)
         client = record.client if record else ""
         keys = [
@@ -283,12 +322,12 @@ class JobStore:
             self.key("finished", client),
             self.key("pending"),
         ]
-        return int(self._requeue(keys=keys, args=[dead_before, max_attempts, job_id, time.time(), dead_worker]))
+        return int(self._requeue(keys=keys, args=[dead_before, max_attempts, job_id, self.now(), dead_worker]))
 
     # Events -----------------------------------------------------------------------------------
 
     def append_event(self, job_id: str, event: dict[str, Any]) -> None:
-        event = {"job_id": job_id, "ts": time.time(), **event}
+        event = {"job_id": job_id, "ts": self.now(), **event}
         with self.redis.pipeline() as pipe:
             pipe.xadd(self.key("job", job_id, "events"), {"event": json.dumps(event)}, maxlen=2000, approximate=True)
             self._touch(pipe, job_id)
@@ -316,7 +355,7 @@ class JobStore:
         position = self.position(job_id)
         if position is not None and cursor.last_position is not None and position != cursor.last_position:
             cursor.last_position = position
-            return [{"type": "queued", "job_id": job_id, "ts": time.time(), "position": position}]
+            return [{"type": "queued", "job_id": job_id, "ts": self.now(), "position": position}]
         if not self.redis.exists(self.key("job", job_id)):
             raise LookupError(f"job {job_id} is unknown or has expired")
         return []
@@ -332,13 +371,18 @@ class JobStore:
 
     # Results ----------------------------------------------------------------------------------
 
-    def save_result(self, job_id: str, result: JobResult) -> None:
-        key = self.key("job", job_id, "result")
+    def _staged_result_key(self, job_id: str, attempt: int) -> str:
+        return self.key("job", job_id, f"result.{attempt}")
+
+    def stage_result(self, job_id: str, attempt: int, result: JobResult) -> None:
+        """Store one attempt's result; `finish(..., "done")` makes it the job's result."""
+        key = self._staged_result_key(job_id, attempt)
         with self.redis.pipeline() as pipe:
             pipe.delete(key)
             mapping: dict[str, Any] = {"meta": json.dumps(result.meta)}
             mapping.update({f"png:{index}": png for index, png in enumerate(result.images)})
             pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self.ttl_s)
             self._touch(pipe, job_id)
             pipe.execute()
 
@@ -375,20 +419,20 @@ class JobStore:
         return [float(value) for value in self.redis.lrange(self.key("render_times"), 0, -1)]
 
     def publish_worker(self, name: str, status: dict[str, Any]) -> None:
-        self.redis.hset(self.key("workers"), name, json.dumps({**status, "heartbeat_at": time.time()}))
+        self.redis.hset(self.key("workers"), name, json.dumps({**status, "heartbeat_at": self.now()}))
 
     def remove_worker(self, name: str) -> None:
         self.redis.hdel(self.key("workers"), name)
 
     def workers(self, alive_within_s: float) -> dict[str, dict[str, Any]]:
         """Workers whose last heartbeat is recent enough to count them as online."""
-        now = time.time()
+        now = self.now()
         statuses = {name.decode(): json.loads(raw) for name, raw in self.redis.hgetall(self.key("workers")).items()}
         return {name: status for name, status in statuses.items() if now - status["heartbeat_at"] <= alive_within_s}
 
     def request_reload(self, adapter: str | None) -> str:
         """Record a reload of one adapter (None: all); returns the request id the answers are filed under."""
-        entry = {"adapter": adapter or "*", "requested_at": time.time()}
+        entry = {"adapter": adapter or "*", "requested_at": self.now()}
         return self.redis.xadd(self.key("reloads"), {"request": json.dumps(entry)}, maxlen=1000).decode()
 
     def reload_requests_after(self, request_id: str) -> list[tuple[str, dict[str, Any]]]:

@@ -159,6 +159,14 @@ def test_stock_loader_silently_ignores_peft_layout_but_ours_does_not(tiny_pipe, 
     assert registry.load("peft").modules == 32
 
 
+@pytest.mark.parametrize("config", ["[]", '{"lora_alpha": "8"}', "{not json"])
+def test_broken_peft_config_is_refused(setup, lora_dir, config):
+    registry, _ = setup
+    (lora_dir / "peft" / "adapter_config.json").write_text(config)
+    with pytest.raises(AdapterError, match=r"adapter_config\.json"):
+        registry.load("peft")
+
+
 def test_unknown_layout_is_refused(setup, lora_dir):
     import torch
     from safetensors.torch import save_file

@@ -88,7 +88,9 @@ def test_jobs_during_a_reload_all_complete_and_a_busy_worker_answers_after_its_j
     wait_for(lambda: client.job(long_job.job_id).state == "running", 30, "the long job to start")
     jobs = [client.submit(SMALL) for _ in range(4)]
     publish(lora_dir, "flickr30k", adapter_weights["v2"], layout="peft")
+    typo = client.reload_adapters("flickr3k", timeout_s=0.1)  # a bad request among good ones blocks nothing
     outcome = client.reload_adapters("flickr30k", timeout_s=0.5)
+    everything = client.reload_adapters(None, timeout_s=0.1)
     assert outcome.waiting_for == [worker.name]  # busy: it will not swap weights under a running job
 
     finals = [list(client.events(job.job_id))[-1] for job in [long_job, *jobs]]
@@ -96,6 +98,10 @@ def test_jobs_during_a_reload_all_complete_and_a_busy_worker_answers_after_its_j
     answers = wait_for(lambda: client.store.reload_answers(outcome.request_id), 30, "the busy worker's answer")
     (answer,) = answers[worker.name]
     assert answer["ok"] and answer["previous_version"] != answer["version"]
+    ((refused,),) = client.store.reload_answers(typo.request_id).values()
+    assert not refused["ok"] and "'flickr3k' not found" in refused["error"]
+    ((all_answer,),) = client.store.reload_answers(everything.request_id).values()
+    assert all_answer["adapter"] == "flickr30k" and all_answer["ok"]
     # The reload was applied before the next job, so every job after the long one used the new weights.
     assert {pixels(client.result(job.job_id).images[0]) for job in jobs} == {image(client)}
     assert image(client) != before

@@ -27,13 +27,13 @@ def test_claim_runs_one_attempt_once(store):
     assert store.get("j").state == "done" and store.undelivered("cli") == ["j"]
 
 
-def test_requeue_keeps_the_place_in_the_queue_and_gives_up_after_the_attempts(store):
+def test_requeue_goes_to_the_back_like_the_broker_and_gives_up_after_the_attempts(store):
     store.create("first", {"prompt": "x"}, "cli", "", max_queued=10)
     store.create("second", {"prompt": "y"}, "cli", "", max_queued=10)
     assert store.claim("first", 1, "w1") == "ok"
     assert store.requeue_if_dead("first", time.time() - 60, max_attempts=2) == -1  # heartbeat is fresh
     assert store.requeue_if_dead("first", time.time() + 1, max_attempts=2) == 2
-    assert store.position("first") == 1 and store.position("second") == 2
+    assert store.position("second") == 1 and store.position("first") == 2
     assert store.claim("first", 2, "w2") == "ok"
     assert store.requeue_if_dead("first", time.time() + 1, max_attempts=2) == 0
     record = store.get("first")
@@ -53,3 +53,20 @@ def test_expired_jobs_do_not_hold_queue_places_for_ever(store):
     store.redis.delete(store.key("job", "lost"))  # as its TTL would
     assert store.prune() == 1
     assert store.queue_length() == 1 and store.position("kept") == 1
+
+
+def test_a_job_being_cancelled_when_its_worker_died_ends_cancelled(store):
+    store.create("j", {"prompt": "x"}, "cli", "", max_queued=10)
+    assert store.claim("j", 1, "w1") == "ok"
+    assert store.cancel("j") == "cancelling"
+    assert store.requeue_if_dead("j", time.time() + 1, max_attempts=3) == -2
+    assert store.get("j").state == "cancelled" and store.queue_length() == 0
+
+
+def test_heartbeat_tells_a_superseded_attempt(store):
+    store.create("j", {"prompt": "x"}, "cli", "", max_queued=10)
+    assert store.claim("j", 1, "w1") == "ok"
+    assert store.heartbeat("j", 1, "w1")
+    assert store.requeue_if_dead("j", time.time() + 1, max_attempts=3) == 2
+    assert not store.heartbeat("j", 1, "w1")  # the janitor of w1 now stops its render
+    assert not store.heartbeat("gone", 1, "w1") and not store.redis.exists(store.key("job", "gone"))

@@ -174,6 +174,12 @@ def read_adapter(files: AdapterFiles) -> AdapterWeights:
         config = json.loads(config_bytes) if files.config is not None else None
     except ValueError as error:
         raise AdapterError(f"adapter {files.name!r} has an unreadable {PEFT_CONFIG}: {error}") from error
+    if config is not None and not (
+        isinstance(config, dict)
+        and isinstance(config.get("lora_alpha", 1), (int, float))
+        and isinstance(config.get("alpha_pattern") or {}, dict)
+    ):
+        raise AdapterError(f"adapter {files.name!r} has a {PEFT_CONFIG} without a numeric lora_alpha")
     if not state_dict:
         raise AdapterError(f"adapter {files.name!r} holds no tensors")
 

@@ -41,13 +41,15 @@ def _load_service(sender, **_) -> None:
         )
         raise SystemExit(1)
     from worker.pipeline import ModelLoadError
-    from worker.service import GenerationService
+    from worker.service import GenerationService, WorkerNameTaken
 
     try:
         _service = GenerationService.start(settings, sender.hostname, app)
-    except ModelLoadError as error:
-        # Celery logs and swallows exceptions from signal handlers; a worker without a model must stop.
-        logger.critical("worker %s cannot start: %s", sender.hostname, error)
+    except Exception as error:
+        # Celery logs and swallows exceptions from signal handlers, and a worker without its model would
+        # take jobs only to drop them: it must stop.
+        expected = isinstance(error, (ModelLoadError, WorkerNameTaken))
+        logger.critical("worker %s cannot start: %s", sender.hostname, error, exc_info=not expected)
         raise SystemExit(1) from error
 
 

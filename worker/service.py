@@ -29,6 +29,34 @@ logger = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 60.0
 
 
+class WorkerNameTaken(RuntimeError):
+    """Another live worker uses this worker's name."""
+
+
+def wait_until_name_is_free(store: JobStore, name: str, dead_after_s: float) -> None:
+    """Refuse to start beside a live worker of the same name (each would take the other's running job
+    for a dead one's). A status left by this worker's own previous, crashed process goes quiet within
+    `dead_after_s`, so a restart waits at most that long."""
+    status = store.workers(alive_within_s=dead_after_s).get(name)
+    if status is None:
+        return
+    logger.warning(
+        "a worker named %s was online %.0f s ago; waiting to see whether it still is",
+        name,
+        store.now() - status["heartbeat_at"],
+    )
+    deadline = time.monotonic() + dead_after_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        latest = store.workers(alive_within_s=dead_after_s).get(name)
+        if latest is None:
+            return
+        if latest["heartbeat_at"] != status["heartbeat_at"]:
+            raise WorkerNameTaken(
+                f"another worker named {name} is running; give each worker its own name with -n (e.g. -n gpu1@%h)"
+            )
+
+
 class GenerationService:
     def __init__(
         self,
@@ -47,7 +75,10 @@ class GenerationService:
         self.worker_name = worker_name
         self.app = app
         self.device = device
-        self.current_job: str | None = None
+        self.current_job: tuple[str, int] | None = None
+        """(job id, attempt) being rendered, read by the janitor thread."""
+        self._superseded: tuple[str, int] | None = None
+        """Set by the janitor when the current attempt no longer holds its job: the render stops."""
         self.jobs_done = 0
         self.adapter_errors: dict[str, str] = {}
         # Reload requests up to this one are reflected in what is loaded.
@@ -58,11 +89,12 @@ class GenerationService:
     @classmethod
     def start(cls, settings: WorkerSettings, worker_name: str, app: Celery) -> GenerationService:
         """Load the model and every adapter once, warm up, and take over jobs this worker left running."""
+        store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
+        wait_until_name_is_free(store, worker_name, settings.worker_dead_after_s)
         placement = choose_placement(settings.device, settings.dtype)
         pipe = load_pipeline(settings.base_model, placement, settings.model_cache_dir, settings.safety_checker)
         adapters = AdapterRegistry(pipe, settings.lora_dir)
         renderer = Renderer(pipe, adapters, settings.default_adapter, settings.allow_safety_checker_off)
-        store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
         service = cls(settings, store, renderer, adapters, worker_name, app, str(placement.device))
         service.reload(list_adapters(settings.lora_dir))
         if settings.warmup_steps:
@@ -93,10 +125,11 @@ class GenerationService:
                 loaded = self.adapters.load(name)
                 answer.update(ok=True, version=loaded.version, layout=loaded.layout)
                 self.adapter_errors.pop(name, None)
-            except AdapterError as error:
-                logger.error("adapter %s refused: %s", name, error)
-                answer.update(ok=False, error=str(error), version=previous.version if previous else None)
-                self.adapter_errors[name] = str(error)
+            except Exception as error:  # any adapter, however broken, is refused rather than stopping the worker
+                message = str(error) if isinstance(error, AdapterError) else f"{type(error).__name__}: {error}"
+                logger.error("adapter %s refused: %s", name, message, exc_info=not isinstance(error, AdapterError))
+                answer.update(ok=False, error=message, version=previous.version if previous else None)
+                self.adapter_errors[name] = message
             answer["previous_version"] = previous.version if previous else None
             answer["seconds"] = round(time.perf_counter() - started, 4)
             answers.append(answer)
@@ -110,23 +143,32 @@ class GenerationService:
         requests = self.store.reload_requests_after(self._reload_cursor)
         if not requests:
             return
-        wanted = {request["adapter"] for _, request in requests}
-        names = (
-            sorted(set(self.adapters.loaded) | set(list_adapters(self.settings.lora_dir)))
-            if "*" in wanted
-            else sorted(wanted)
-        )
-        answers = {answer["adapter"]: answer for answer in self.reload(names)}
-        for request_id, request in requests:
-            mine = list(answers.values()) if request["adapter"] == "*" else [answers[request["adapter"]]]
-            self.store.answer_reload(request_id, self.worker_name, mine)
+        # Whatever happens below, these requests are handled: a broken one must not block every job after it.
         self._reload_cursor = requests[-1][0]
+        named = {request["adapter"] for _, request in requests} - {"*"}
+        everything = set(self.adapters.loaded) | set(list_adapters(self.settings.lora_dir))
+        wants_all = any(request["adapter"] == "*" for _, request in requests)
+        answers = {
+            answer["adapter"]: answer for answer in self.reload(sorted(named | everything if wants_all else named))
+        }
+        for request_id, request in requests:
+            name = request["adapter"]
+            mine = (
+                [answers[other] for other in sorted(everything) if other in answers]
+                if name == "*"
+                else [answers[name]]
+            )
+            self.store.answer_reload(request_id, self.worker_name, mine)
 
     # Jobs ------------------------------------------------------------------------------------
 
     def run_job(self, job_id: str, options: dict[str, Any], attempt: int) -> dict[str, Any]:
-        self.sync_adapters()
-        self.current_job = job_id  # before the claim, so the janitor never takes it for a dead worker's
+        try:
+            self.sync_adapters()
+        except Exception:  # Redis away for a moment: the job still runs, the reload is applied before the next
+            logger.exception("applying adapter reloads failed")
+        # Set before the claim, so the janitor never takes this job for a dead worker's.
+        self.current_job = (job_id, attempt)
         try:
             outcome = self.store.claim(job_id, attempt, self.worker_name)
             if outcome != "ok":
@@ -146,6 +188,9 @@ class GenerationService:
             return self._fail(job_id, attempt, client, "rejected", f"Refused: {error}")
         except AdapterError as error:
             return self._fail(job_id, attempt, client, "adapter", str(error))
+        except Exception as error:
+            logger.exception("job %s could not be planned", job_id)
+            return self._fail(job_id, attempt, client, "internal", f"The worker hit an unexpected error ({error!r}).")
         self.store.append_event(
             job_id,
             {
@@ -170,6 +215,8 @@ class GenerationService:
                     f"The job took longer than {self.settings.job_time_limit_s:g} s and was stopped; "
                     "try fewer steps, a smaller size or fewer images.",
                 )
+            if self._superseded == (job_id, attempt):
+                raise JobInterrupted("superseded", "This attempt lost the job to another worker.")
             if step < total and now - last_event < self.settings.progress_interval_s:
                 return
             last_event = now
@@ -183,28 +230,36 @@ class GenerationService:
                     event["preview_png"] = base64.b64encode(preview).decode()
             self.store.append_event(job_id, event)
 
+        out_of_memory = False
         try:
             output = self.renderer.render(options, plan, on_step)
         except JobInterrupted as interrupted:
             if interrupted.reason == "cancelled":
-                self.store.finish(job_id, attempt, "cancelled", client=client)
-                self.store.append_event(job_id, {"type": "cancelled", "message": str(interrupted)})
+                if self.store.finish(job_id, attempt, "cancelled", client=client):
+                    self.store.append_event(job_id, {"type": "cancelled", "message": str(interrupted)})
                 return {"job_id": job_id, "state": "cancelled"}
             return self._fail(job_id, attempt, client, interrupted.reason, str(interrupted))
         except Exception as error:
-            if is_out_of_memory(error):
-                free_memory()
+            if not is_out_of_memory(error):
+                logger.exception("job %s failed", job_id)
                 return self._fail(
                     job_id,
                     attempt,
                     client,
-                    "out_of_memory",
-                    f"The worker ran out of memory rendering {options.num_images_per_prompt} image(s) of "
-                    f"{options.width}×{options.height}; try fewer images or a smaller size.",
+                    "internal",
+                    f"The worker hit an unexpected error ({type(error).__name__}).",
                 )
-            logger.exception("job %s failed", job_id)
+            out_of_memory = True
+        if out_of_memory:
+            # Outside the except block: its traceback would keep the render's tensors alive.
+            free_memory()
             return self._fail(
-                job_id, attempt, client, "internal", f"The worker hit an unexpected error ({type(error).__name__})."
+                job_id,
+                attempt,
+                client,
+                "out_of_memory",
+                f"The worker ran out of memory rendering {options.num_images_per_prompt} image(s) of "
+                f"{options.width}×{options.height}; try fewer images or a smaller size.",
             )
 
         queue_wait_s = record.started_at - record.submitted_at
@@ -227,7 +282,8 @@ class GenerationService:
             "render_s": round(output.render_s, 3),
             "warnings": output.warnings,
         }
-        self.store.save_result(job_id, JobResult(meta=meta, images=[png for png in output.images if png is not None]))
+        result = JobResult(meta=meta, images=[png for png in output.images if png is not None])
+        self.store.stage_result(job_id, attempt, result)
         if not self.store.finish(job_id, attempt, "done", client=client):
             logger.warning("job %s attempt %d finished after it was taken over; result not announced", job_id, attempt)
             return {"job_id": job_id, "state": "superseded"}
@@ -258,11 +314,14 @@ class GenerationService:
 
     def requeue_dead_jobs(self, dead_worker: str = "") -> None:
         """Run again the jobs whose worker stopped sending heartbeats, or fail those out of attempts."""
-        dead_before = time.time() - self.settings.worker_dead_after_s
+        current = self.current_job
+        dead_before = self.store.now() - self.settings.worker_dead_after_s
         for job_id in self.store.running_jobs():
-            if job_id == self.current_job:
+            if current is not None and job_id == current[0]:
                 continue
             attempt = self.store.requeue_if_dead(job_id, dead_before, self.settings.max_job_attempts, dead_worker)
+            if attempt == -2:
+                self.store.append_event(job_id, {"type": "cancelled", "message": "Cancelled (its worker stopped)."})
             if attempt < 0:
                 continue
             record = self.store.get(job_id)
@@ -290,7 +349,7 @@ class GenerationService:
             "default_adapter": self.settings.default_adapter or None,
             "adapters": {name: asdict(adapter) for name, adapter in self.adapters.loaded.items()},
             "adapter_errors": dict(self.adapter_errors),
-            "current_job": self.current_job,
+            "current_job": self.current_job[0] if self.current_job else None,
             "jobs_done": self.jobs_done,
         }
 
@@ -302,8 +361,9 @@ class GenerationService:
             while not self._stop.wait(self.settings.worker_heartbeat_s):
                 try:
                     self.store.publish_worker(self.worker_name, self.status())
-                    if self.current_job is not None:
-                        self.store.heartbeat(self.current_job)
+                    current = self.current_job  # read once: the job thread changes it
+                    if current is not None and not self.store.heartbeat(*current, self.worker_name):
+                        self._superseded = current
                     self.requeue_dead_jobs()
                     if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                         last_prune = time.monotonic()
