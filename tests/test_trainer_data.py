@@ -1,0 +1,126 @@
+"""Reading Flickr30k as Kaggle ships it, quirks included, and images that must not stop an epoch."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.data import (
+    DatasetError,
+    SkipReport,
+    load_records,
+    open_rgb,
+    read_kaggle_captions,
+    split_by_image,
+    to_training_array,
+)
+
+CAPTIONS = """image_name| comment_number| comment
+1000092795.jpg| 0| Two young guys with shaggy hair look at their hands while hanging out in the yard .
+1000092795.jpg| 1| Two young , White males are outside near many bushes .
+2199200615.jpg| 0| A dog runs .
+2199200615.jpg| 4   A dog runs across the grass .
+3000000000.jpg| 0| A "quoted" caption , with commas .
+"""
+
+
+def make_kaggle_folder(root, nested: bool) -> None:
+    images = root / "flickr30k_images"
+    if nested:
+        images = images / "flickr30k_images"
+    images.mkdir(parents=True)
+    (root / "results.csv").write_text(CAPTIONS)
+    for name in ("1000092795.jpg", "2199200615.jpg", "3000000000.jpg"):
+        Image.new("RGB", (120, 90), (200, 30, 30)).save(images / name)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_kaggle_layout_with_the_malformed_line(tmp_path, nested):
+    make_kaggle_folder(tmp_path, nested)
+    records = load_records(tmp_path)
+    assert [record.image_path.name for record in records] == ["1000092795.jpg", "2199200615.jpg", "3000000000.jpg"]
+    assert records[1].captions == ["A dog runs .", "A dog runs across the grass ."]
+    assert records[2].captions == ['A "quoted" caption , with commas .']
+    assert all(record.image_path.is_file() for record in records)
+    frame = read_kaggle_captions(tmp_path / "results.csv")
+    assert frame.loc[3].tolist() == ["2199200615.jpg", "4", "A dog runs across the grass ."]
+
+
+def test_metadata_jsonl_layout_and_bad_layouts(tmp_path):
+    lines = [
+        {"file_name": "a.png", "text": "a cat"},
+        {"file_name": "a.png", "text": "a small cat"},
+        {"file_name": "b.png", "text": "a dog"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    records = load_records(tmp_path)
+    assert [(r.image_path.name, r.captions) for r in records] == [
+        ("a.png", ["a cat", "a small cat"]),
+        ("b.png", ["a dog"]),
+    ]
+    (tmp_path / "metadata.jsonl").write_text('{"file": "a.png"}\n')
+    with pytest.raises(DatasetError, match=r"metadata\.jsonl:1: expected"):
+        load_records(tmp_path)
+    with pytest.raises(DatasetError, match="neither Kaggle's Flickr30k layout"):
+        load_records(tmp_path / "nowhere")
+
+
+def test_split_is_by_image_and_repeatable(tmp_path):
+    from trainer.data import ImageRecord
+
+    records = [ImageRecord(tmp_path / f"{i}.jpg", [f"caption {i}", f"other {i}"]) for i in range(100)]
+    train, held_out = split_by_image(records, 0.1, seed=3)
+    assert len(held_out) == 10 and len(train) == 90
+    assert not {r.image_path for r in train} & {r.image_path for r in held_out}
+    assert split_by_image(records, 0.1, seed=3) == (train, held_out)
+
+
+def test_odd_images_are_converted_and_bad_ones_skipped_and_counted(tmp_path):
+    report = SkipReport()
+    Image.new("L", (80, 80), 128).save(tmp_path / "gray.jpg")
+    Image.new("RGBA", (80, 80), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("CMYK", (80, 80), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("P", (80, 80), 3).save(tmp_path / "palette.gif")
+    for name, expected in [
+        ("gray.jpg", (128, 128, 128)),
+        ("clear.png", (255, 255, 255)),
+        ("cmyk.jpg", None),
+        ("palette.gif", None),
+    ]:
+        image = open_rgb(tmp_path / name, report)
+        assert image is not None and image.mode == "RGB", name
+        if expected:
+            assert image.getpixel((5, 5)) == expected, name
+
+    Image.new("RGB", (200, 200)).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "not-an-image.jpg").write_text("hello")
+    Image.new("RGB", (40, 40)).save(tmp_path / "tiny.jpg")
+    Image.new("RGB", (900, 100)).save(tmp_path / "banner.jpg")
+    for name in ("truncated.jpg", "not-an-image.jpg", "tiny.jpg", "banner.jpg", "missing.jpg"):
+        assert open_rgb(tmp_path / name, report) is None, name
+    assert report.counts == {
+        "unreadable or truncated": 2,
+        "smaller than 64 px": 1,
+        "aspect ratio over 4:1": 1,
+        "missing": 1,
+    }
+    assert report.summary().startswith("5 images skipped: 2 unreadable or truncated")
+
+
+def test_training_array_is_a_normalised_square_crop(tmp_path):
+    image = Image.new("RGB", (300, 150), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 150, 150))  # left half blue
+    rng = random.Random(0)
+    array = to_training_array(image, 64, center_crop=True, flip=False, rng=rng)
+    assert array.shape == (3, 64, 64) and array.dtype == np.float32
+    assert array.min() >= -1.0 and array.max() <= 1.0
+    left_edge = to_training_array(image, 64, center_crop=False, flip=False, rng=random.Random(1))
+    flipped = to_training_array(image, 64, center_crop=True, flip=True, rng=rng)
+    assert np.allclose(flipped, array[:, :, ::-1])
+    assert left_edge.shape == (3, 64, 64)

@@ -1,0 +1,182 @@
+"""Flickr30k as people have it (Kaggle's `results.csv` + `flickr30k_images/`), or a folder of images with
+a `metadata.jsonl` (the diffusers convention), turned into (image, captions) records, a held-out split
+by image, and a torch dataset that never stops an epoch on a bad image."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+KAGGLE_CAPTIONS = "results.csv"
+KAGGLE_IMAGES = "flickr30k_images"
+METADATA = "metadata.jsonl"
+MIN_SIDE = 64
+"""Images smaller than this on their short side are skipped: upscaling them teaches blur."""
+MAX_ASPECT_RATIO = 4.0
+"""Beyond this, a center crop keeps too little of the picture for its caption to still describe it."""
+# A caption line whose second `|` is missing: `2199200615.jpg| 4   A dog runs across the grass .`
+_MISSING_SEPARATOR = re.compile(r"^\s*(\d+)\s+(\S.*)$")
+
+
+class DatasetError(ValueError):
+    """The data folder is not in a layout we read; the message says what was expected."""
+
+
+@dataclass
+class ImageRecord:
+    image_path: Path
+    captions: list[str]
+
+
+@dataclass
+class SkipReport:
+    """Images left out, by reason, so a run can say what it did not train on."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, path: Path | str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, str(path))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no image skipped"
+        parts = [f"{count} {reason} (e.g. {self.examples[reason]})" for reason, count in self.counts.most_common()]
+        return f"{self.total} images skipped: " + "; ".join(parts)
+
+
+def read_kaggle_captions(csv_path: Path) -> pd.DataFrame:
+    """`image_name| comment_number| comment` lines, the one line with a missing `|` included."""
+    frame = pd.read_csv(
+        csv_path,
+        sep="|",
+        header=0,
+        names=["image_name", "comment_number", "comment"],
+        dtype=str,
+        quoting=csv.QUOTE_NONE,
+        skipinitialspace=True,
+        keep_default_na=False,
+        engine="python",
+    )
+    frame = frame.fillna("").apply(lambda column: column.str.strip())
+    broken = frame["comment"] == ""
+    for index in frame.index[broken]:
+        match = _MISSING_SEPARATOR.match(frame.at[index, "comment_number"])
+        if match is None:
+            raise DatasetError(f"{csv_path}: cannot read the caption line for {frame.at[index, 'image_name']!r}")
+        frame.at[index, "comment_number"], frame.at[index, "comment"] = match.groups()
+    if broken.any():
+        logger.info("%s: repaired %d caption lines with a missing '|'", csv_path.name, int(broken.sum()))
+    return frame
+
+
+def _find_images_folder(root: Path) -> Path:
+    """`flickr30k_images/`, possibly nested one level deeper (`flickr30k_images/flickr30k_images/`)."""
+    folder = root / KAGGLE_IMAGES
+    nested = folder / KAGGLE_IMAGES
+    return nested if nested.is_dir() else folder
+
+
+def load_records(data_dir: Path) -> list[ImageRecord]:
+    """Every image of the data folder with all its captions, in a stable order."""
+    if (data_dir / KAGGLE_CAPTIONS).is_file():
+        frame = read_kaggle_captions(data_dir / KAGGLE_CAPTIONS)
+        images = _find_images_folder(data_dir)
+        grouped = frame.groupby("image_name", sort=True)["comment"].apply(list)
+        return [ImageRecord(images / name, captions) for name, captions in grouped.items()]
+    if (data_dir / METADATA).is_file():
+        captions: dict[str, list[str]] = {}
+        for number, line in enumerate((data_dir / METADATA).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                captions.setdefault(entry["file_name"], []).append(str(entry["text"]))
+            except (ValueError, KeyError, TypeError) as error:
+                raise DatasetError(
+                    f"{data_dir / METADATA}:{number}: expected {{'file_name', 'text'}} ({error})"
+                ) from None
+        return [ImageRecord(data_dir / name, texts) for name, texts in sorted(captions.items())]
+    raise DatasetError(
+        f"{data_dir} holds neither Kaggle's Flickr30k layout ({KAGGLE_CAPTIONS} + {KAGGLE_IMAGES}/) nor a folder of "
+        f"images with a {METADATA} of {{'file_name', 'text'}} lines"
+    )
+
+
+def split_by_image(
+    records: list[ImageRecord], holdout_fraction: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(train, held out): a split by image, never by caption, so no held-out picture is ever trained on."""
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1) (got {holdout_fraction})")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(len(records) * holdout_fraction)) if holdout_fraction and len(records) > 1 else 0
+    held_out = sorted(order[:held])
+    kept = sorted(order[held:])
+    return [records[i] for i in kept], [records[i] for i in held_out]
+
+
+def open_rgb(path: Path, report: SkipReport) -> Image.Image | None:
+    """The image in RGB (grayscale, RGBA, CMYK, palette converted), or None, counted in `report`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                # Transparent pixels onto white: their stored colour is arbitrary, often black.
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                converted = Image.alpha_composite(background, rgba).convert("RGB")
+            else:
+                converted = image.convert("RGB")
+    except FileNotFoundError:
+        report.skip("missing", path)
+        return None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        report.skip("unreadable or truncated", path)
+        return None
+    width, height = converted.size
+    if min(width, height) < MIN_SIDE:
+        report.skip(f"smaller than {MIN_SIDE} px", path)
+        return None
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        report.skip(f"aspect ratio over {MAX_ASPECT_RATIO:g}:1", path)
+        return None
+    return converted
+
+
+def to_training_array(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
+    """Resize the short side to `resolution`, crop a square (centre or random), maybe mirror it, and
+    scale to [-1, 1] as a CHW float32 array."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    resized = image.resize(
+        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.Resampling.BICUBIC
+    )
+    width, height = resized.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    cropped = resized.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
+    return array.transpose(2, 0, 1)
