@@ -283,3 +283,26 @@ class AdapterRegistry:
         adapter = self._loaded[name]
         self.pipe.enable_lora()
         self.pipe.set_adapters([adapter.internal_name], [scale])
+
+
+def save_adapter(folder: Path, lora_state: dict[str, torch.Tensor], config) -> None:
+    """Write a UNet LoRA in both layouts the ecosystem loads, side by side in `folder`:
+
+    - PEFT (`adapter_model.safetensors` with `base_model.model.` keys + `adapter_config.json`), which
+      `PeftModel.from_pretrained` and the seed project read;
+    - diffusers (`pytorch_lora_weights.safetensors`, `unet.` keys, alpha / r folded into the up
+      matrices), which stock `pipe.load_lora_weights` reads.
+
+    `lora_state` has PEFT's module keys (`...to_q.lora_A.weight`); `config` is the peft LoraConfig.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in lora_state.items()}
+    save_file({PEFT_PREFIX + key: tensor for key, tensor in tensors.items()}, folder / PEFT_WEIGHTS, {"format": "pt"})
+    config.save_pretrained(folder)
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    diffusers_state = {
+        f"unet.{key}": tensor * scaling if ".lora_B." in key else tensor for key, tensor in tensors.items()
+    }
+    save_file(diffusers_state, folder / DIFFUSERS_WEIGHTS, {"format": "pt"})

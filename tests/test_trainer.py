@@ -1,0 +1,165 @@
+"""`python -m trainer train` on the tiny model and a tiny Flickr30k-format dataset, run as users run it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.helpers import REPO, wait_for
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["--base-model", "tiny", "--resolution", "64", "--learning-rate", "1e-3", "--holdout-fraction", "0.125"]
+
+
+@pytest.fixture(scope="module")
+def flickr(tmp_path_factory):
+    """Eight images in Kaggle's layout (nested one level), two captions each, one broken caption line,
+    and one truncated image that must be skipped and counted."""
+    root = tmp_path_factory.mktemp("flickr30k")
+    images = root / "flickr30k_images" / "flickr30k_images"
+    images.mkdir(parents=True)
+    lines = ["image_name| comment_number| comment"]
+    for index in range(8):
+        name = f"{1000 + index}.jpg"
+        Image.new("RGB", (96, 80), (30 * index, 200 - 20 * index, 90)).save(images / name)
+        lines += [f"{name}| 0| a picture number {index} .", f"{name}| 1| colour {index} on a field ."]
+    lines.append("1007.jpg| 4   a broken line about picture 7 .")
+    (images / "1007.jpg").write_bytes((images / "1007.jpg").read_bytes()[:200])
+    (root / "results.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run_trainer(*args: str, model_cache, wait: bool = True):
+    command = [sys.executable, "-m", "trainer", "train", *args, "--model-cache-dir", str(model_cache)]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_training_lowers_the_loss_and_writes_an_adapter_everyone_can_load(flickr, model_cache, tmp_path):
+    output = tmp_path / "loradir" / "flickr30k"
+    done = run_trainer(
+        "--data",
+        str(flickr),
+        "--output",
+        str(output),
+        "--max-steps",
+        "40",
+        *TRAIN,
+        "--lr-scheduler",
+        "constant",
+        model_cache=model_cache,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data: 6 training images, 1 held out; 1 images skipped: 1 unreadable or truncated" in done.stdout
+    assert "trainable LoRA parameters: 9,984 of 1,096,581 (0.9105 %)" in done.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["fixed_batch_loss_after"] < summary["fixed_batch_loss_before"]
+    assert {path.name for path in output.iterdir()} >= {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "pytorch_lora_weights.safetensors",
+        "README.md",
+        "training_config.json",
+        "metrics.jsonl",
+    }
+    assert len((output / "metrics.jsonl").read_text().splitlines()) == 40
+    assert not list(output.parent.glob(f".{output.name}.[!t]*"))  # no half-published folder left behind
+
+    peft_state = load_file(output / "adapter_model.safetensors")
+    assert peft_state and all(".lora_A." in key or ".lora_B." in key for key in peft_state)  # only LoRA trained
+    assert all(key.startswith("base_model.model.") for key in peft_state)
+    assert sum(tensor.numel() for tensor in peft_state.values()) == 9984
+
+    from diffusers import StableDiffusionPipeline
+    from peft import PeftModel
+
+    from worker.adapters import AdapterRegistry
+    from worker.pipeline import choose_placement, load_pipeline
+
+    def render(pipe) -> bytes:
+        image = pipe(
+            "a picture", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(0)
+        ).images[0]
+        return image.tobytes()
+
+    placement = choose_placement("cpu", "float32")
+    stock = load_pipeline("tiny", placement, model_cache, safety_checker=False)
+    base = render(stock)
+    assert isinstance(stock, StableDiffusionPipeline)
+    stock.load_lora_weights(str(output), weight_name="pytorch_lora_weights.safetensors", adapter_name="trained")
+    with_stock_loader = render(stock)
+    assert with_stock_loader != base
+
+    peft_pipe = load_pipeline("tiny", placement, model_cache, safety_checker=False)
+    peft_pipe.unet = PeftModel.from_pretrained(peft_pipe.unet, str(output))
+    assert render(peft_pipe) == with_stock_loader  # both formats hold the same adapter
+
+    served = load_pipeline("tiny", placement, model_cache, safety_checker=False)
+    registry = AdapterRegistry(served, output.parent)
+    assert registry.load("flickr30k").layout == "peft" and registry.loaded["flickr30k"].modules == 32
+    registry.activate("flickr30k", 1.0)
+    assert render(served) == with_stock_loader
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(flickr, model_cache, tmp_path):
+    common = ["--data", str(flickr), "--max-steps", "40", "--checkpoint-every", "10", *TRAIN]
+    straight = tmp_path / "a" / "straight"
+    assert run_trainer(*common, "--output", str(straight), model_cache=model_cache).returncode == 0
+
+    resumed = tmp_path / "b" / "resumed"
+    process = run_trainer(*common, "--output", str(resumed), model_cache=model_cache, wait=False)
+    checkpoints = resumed.parent / ".resumed.training" / "checkpoints"
+    wait_for(lambda: (checkpoints / "checkpoint-10").is_dir(), 120, "the first checkpoint", interval=0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    assert not resumed.exists(), "the run finished before it could be interrupted"
+
+    again = run_trainer(*common, "--output", str(resumed), "--resume", "latest", model_cache=model_cache)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed from" in again.stdout and "checkpoint-" in again.stdout
+    first, second = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.allclose(first[key], second[key], atol=1e-6), key
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+
+def test_config_file_and_impossible_combinations_fail_before_loading(flickr, model_cache, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = "{flickr}"\noutput = "{tmp_path / "out" / "x"}"\nmax-steps = 5\nepochs = 2\n')
+    started = time.monotonic()
+    both = run_trainer("--config", str(config), model_cache=model_cache)
+    assert both.returncode == 2 and "give exactly one of --max-steps and --epochs" in both.stdout
+    bad = run_trainer(
+        "--data",
+        str(flickr),
+        "--output",
+        str(tmp_path / "y"),
+        "--max-steps",
+        "3",
+        "--resolution",
+        "100",
+        model_cache=model_cache,
+    )
+    assert bad.returncode == 2 and "--resolution must be a multiple of 8" in bad.stdout
+    unknown = tmp_path / "typo.yaml"
+    unknown.write_text("data: x\noutput: y\nmax_step: 3\n")
+    typo = run_trainer("--config", str(unknown), model_cache=model_cache)
+    assert typo.returncode == 2 and "unknown option(s)" in typo.stdout and "max_step" in typo.stdout
+    assert time.monotonic() - started < 60  # no model was loaded for any of them
+
+    config.write_text(f'data = "{flickr}"\noutput = "{tmp_path / "out" / "x"}"\nmax-steps = 500\n')
+    overridden = run_trainer("--config", str(config), "--max-steps", "2", *TRAIN, model_cache=model_cache)
+    assert overridden.returncode == 0, overridden.stdout + overridden.stderr
+    assert json.loads((tmp_path / "out" / "x" / "training_config.json").read_text())["max_steps"] == 2

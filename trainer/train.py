@@ -1,0 +1,522 @@
+"""`python -m trainer train`: LoRA on SD v1-4's UNet attention projections, everything else frozen.
+
+One readable, linear script in the manner of diffusers' `train_text_to_image_lora.py`: arguments and
+their checks, then loading, the loop, checkpoints, and publishing the adapter into LORA_DIR.
+
+Every random choice (the order of images, the caption drawn, the crop, the flip, the noise and the
+timesteps) is a function of the seed and the step alone, so a run resumed from a checkpoint makes
+exactly the draws the uninterrupted run would have made, and ends on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trainer.data import (
+    SkipReport,
+    load_records,
+    open_rgb,
+    split_by_image,
+    to_training_array,
+)
+
+logger = logging.getLogger(__name__)
+
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (a NaN loss); the message says why and what was kept."""
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    output: Path
+    base_model: str = "CompVis/stable-diffusion-v1-4"
+    model_cache_dir: Path = field(default_factory=lambda: Path("~/.cache/imagine").expanduser())
+    max_steps: int | None = None
+    epochs: int | None = None
+    resolution: int = 512
+    center_crop: bool = True
+    flip: bool = False
+    rank: int = 4
+    alpha: float | None = None
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    holdout_fraction: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    lora_dir: Path | None = None
+    notify: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="python -m trainer train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="TOML or YAML file whose keys are these flags; flags override it.")
+    parser.add_argument(
+        "--data", type=Path, help="Flickr30k folder (results.csv + flickr30k_images/) or images + metadata.jsonl."
+    )
+    parser.add_argument(
+        "--output", type=Path, help="Where the adapter goes, e.g. loradir/flickr30k (published atomically)."
+    )
+    parser.add_argument(
+        "--base-model", help="Hub id, local diffusers folder, or `tiny` (default: CompVis/stable-diffusion-v1-4)."
+    )
+    parser.add_argument("--model-cache-dir", type=Path, help="Where built-in models (`tiny`) are saved.")
+    parser.add_argument("--max-steps", type=int, help="Optimizer steps to train (or --epochs).")
+    parser.add_argument("--epochs", type=int, help="Passes over the training images (or --max-steps).")
+    parser.add_argument("--resolution", type=int, help="Training size in pixels, a multiple of 8 (default 512).")
+    parser.add_argument(
+        "--random-crop",
+        dest="center_crop",
+        action="store_false",
+        default=None,
+        help="Crop at random instead of the centre.",
+    )
+    parser.add_argument("--flip", action="store_true", default=None, help="Mirror half of the images at random.")
+    parser.add_argument("--rank", type=int, help="LoRA rank (default 4).")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, a scale of 1).")
+    parser.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-4).")
+    parser.add_argument(
+        "--lr-scheduler",
+        choices=["constant", "constant_with_warmup", "linear", "cosine"],
+        help="Learning-rate schedule (default cosine).",
+    )
+    parser.add_argument("--lr-warmup-steps", type=int, help="Warm-up steps of the schedule (default 0).")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01).")
+    parser.add_argument("--batch-size", type=int, help="Images per step and device (default 1).")
+    parser.add_argument("--gradient-accumulation-steps", type=int, help="Batches per optimizer step (default 1).")
+    parser.add_argument("--max-grad-norm", type=float, help="Gradient clipping norm (default 1.0).")
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], help="Autocast precision; LoRA weights stay fp32."
+    )
+    parser.add_argument("--snr-gamma", type=float, help="Min-SNR loss weighting gamma (5 is usual); off by default.")
+    parser.add_argument("--noise-offset", type=float, help="Noise offset (0.05 is usual); 0 by default.")
+    parser.add_argument(
+        "--holdout-fraction", type=float, help="Images kept out of training for evaluation (default 0.01)."
+    )
+    parser.add_argument("--seed", type=int, help="Seed of every random draw (default 0).")
+    parser.add_argument("--checkpoint-every", type=int, help="Steps between checkpoints (default 500).")
+    parser.add_argument("--keep-checkpoints", type=int, help="Checkpoints kept, newest first (default 3).")
+    parser.add_argument("--resume", help="`latest` or a checkpoint folder to continue from.")
+    parser.add_argument(
+        "--notify", action="store_true", default=None, help="Ask the workers to hot-reload the adapter at the end."
+    )
+    args = parser.parse_args(argv)
+
+    values = _read_config_file(args.config) if args.config else {}
+    values.update({key: value for key, value in vars(args).items() if value is not None and key != "config"})
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+    for required in ("data", "output"):
+        if required not in values:
+            raise ValueError(f"--{required} is required (as a flag or in the config file)")
+    for key in ("data", "output", "model_cache_dir"):
+        if key in values:
+            values[key] = Path(values[key]).expanduser()
+    config = TrainConfig(**values)
+    check_config(config)
+    return config
+
+
+def _read_config_file(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        raw = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"--config must be a .toml or .yaml file (got {path.name})")
+    return {key.replace("-", "_"): value for key, value in raw.items()}
+
+
+def check_config(config: TrainConfig) -> None:
+    """Impossible combinations fail here, before any model is loaded."""
+    if (config.max_steps is None) == (config.epochs is None):
+        raise ValueError("give exactly one of --max-steps and --epochs")
+    if (config.max_steps or 1) < 1 or (config.epochs or 1) < 1:
+        raise ValueError("--max-steps and --epochs must be at least 1")
+    if config.resolution < 64 or config.resolution % 8:
+        raise ValueError(f"--resolution must be a multiple of 8, at least 64 (got {config.resolution})")
+    if config.rank < 1:
+        raise ValueError(f"--rank must be at least 1 (got {config.rank})")
+    if config.batch_size < 1 or config.gradient_accumulation_steps < 1:
+        raise ValueError("--batch-size and --gradient-accumulation-steps must be at least 1")
+    if not 0 <= config.holdout_fraction < 1:
+        raise ValueError(f"--holdout-fraction must be in [0, 1) (got {config.holdout_fraction})")
+    if config.checkpoint_every < 1 or config.keep_checkpoints < 1:
+        raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if not config.data.is_dir():
+        raise ValueError(f"--data {config.data} is not a folder")
+    if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
+        raise ValueError(f"--resume {config.resume} is not a checkpoint folder")
+    from imagine.contract import ADAPTER_NAME_PATTERN
+
+    if not ADAPTER_NAME_PATTERN.match(config.output.name):
+        raise ValueError(f"--output must end in an adapter name (letters, digits, '.', '_', '-'), got {config.output}")
+
+
+# Randomness as a function of (seed, step) ---------------------------------------------------------
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
+    order = list(range(size))
+    random.Random(f"{seed}:order:{epoch}").shuffle(order)
+    return order
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class TrainingImages:
+    """Training examples: the image at its position in an epoch, one of its captions drawn for that epoch."""
+
+    def __init__(self, records, config: TrainConfig, report: SkipReport) -> None:
+        self.config = config
+        self.records = []
+        self.images = []
+        for record in records:
+            image = open_rgb(record.image_path, report)
+            if image is not None:
+                self.records.append(record)
+                self.images.append(image)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def example(self, epoch: int, index: int) -> tuple[np.ndarray, str]:
+        rng = random.Random(f"{self.config.seed}:example:{epoch}:{index}")
+        caption = rng.choice(self.records[index].captions)
+        flip = self.config.flip and rng.random() < 0.5
+        return to_training_array(
+            self.images[index], self.config.resolution, self.config.center_crop, flip, rng
+        ), caption
+
+
+# The run -------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> Path:
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from worker.pipeline import resolve_base_model
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+    work = config.output.parent / f".{config.output.name}.training"
+    work.mkdir(parents=True, exist_ok=True)
+
+    # Data
+    report = SkipReport()
+    train_records, held_out = split_by_image(load_records(config.data), config.holdout_fraction, config.seed)
+    images = TrainingImages(train_records, config, report)
+    print(f"data: {len(images)} training images, {len(held_out)} held out; {report.summary()}")
+    if not len(images):
+        raise ValueError(f"no usable training image in {config.data} ({report.summary()})")
+    (work / "held_out.json").write_text(json.dumps([asdict(r) | {"image_path": str(r.image_path)} for r in held_out]))
+
+    # Load models
+    source = resolve_base_model(config.base_model, config.model_cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    unet.to(accelerator.device, dtype=weight_dtype)
+
+    lora_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha or config.rank,
+        init_lora_weights=True,  # A random, B zero: training starts from the base model exactly
+        target_modules=list(TARGET_MODULES),
+    )
+    torch.manual_seed(config.seed)  # A's random initialisation: the same seed, the same starting point
+    unet.add_adapter(lora_config)
+    if config.mixed_precision != "no":
+        # The trainable LoRA weights stay fp32, or the grad scaler fails ("Attempting to unscale FP16 gradients").
+        cast_training_params(unet, dtype=torch.float32)
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    trainable_count = sum(parameter.numel() for parameter in trainable)
+    total = sum(p.numel() for model in (unet, vae, text_encoder) for p in model.parameters())
+    print(f"trainable LoRA parameters: {trainable_count:,} of {total:,} ({100 * trainable_count / total:.4f} %)")
+
+    steps_per_epoch = math.ceil(len(images) / (config.batch_size * config.gradient_accumulation_steps))
+    max_steps = config.max_steps or config.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    # Resume
+    step = 0
+    checkpoints = work / CHECKPOINTS
+    if config.resume:
+        resume_from = _latest_checkpoint(checkpoints) if config.resume == "latest" else Path(config.resume)
+        if resume_from is None:
+            print("no checkpoint to resume from: starting at step 0")
+        else:
+            accelerator.load_state(str(resume_from))
+            step = json.loads((resume_from / "progress.json").read_text())["step"]
+            _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
+            print(f"resumed from {resume_from} at step {step}")
+
+    @torch.no_grad()
+    def encode(batch_images: list[np.ndarray], captions: list[str], generator: torch.Generator):
+        pixels = torch.from_numpy(np.stack(batch_images)).to(accelerator.device, dtype=weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(accelerator.device)
+        return latents.float(), text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def fixed_batch_loss() -> float:
+        """The loss on the first training images at fixed noise and evenly spread timesteps: unlike the
+        per-step loss, whose random timesteps make it noisy, it shows whether training helped."""
+        generator = torch.Generator().manual_seed(config.seed)
+        count = min(4, len(images))
+        arrays, captions = zip(*(images.example(0, index) for index in range(count)), strict=True)
+        latents, text_states = encode(list(arrays), list(captions), generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        total = 0.0
+        for timestep in torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, 4).long():
+            timesteps = timestep.repeat(count).to(latents.device)
+            with accelerator.autocast():
+                prediction = unet(
+                    noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype), timesteps, text_states
+                ).sample
+            target = noise
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            total += F.mse_loss(prediction.float(), target.float()).item()
+        return total / 4
+
+    # Train!
+    loss_before = fixed_batch_loss()
+    metrics = (work / "metrics.jsonl").open("a")
+    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step")
+    examples_per_step = config.batch_size * config.gradient_accumulation_steps
+    started = time.perf_counter()
+    loss_value = float("nan")
+    while step < max_steps:
+        for micro in range(config.gradient_accumulation_steps):
+            first = step * examples_per_step + micro * config.batch_size
+            positions = [(first + k) // len(images) for k in range(config.batch_size)]  # epochs
+            batch = [
+                images.example(epoch, epoch_order(config.seed, epoch, len(images))[(first + k) % len(images)])
+                for k, epoch in enumerate(positions)
+            ]
+            generator = step_generator(config.seed, step * config.gradient_accumulation_steps + micro)
+            latents, text_states = encode([array for array, _ in batch], [caption for _, caption in batch], generator)
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+            if config.noise_offset:
+                noise += config.noise_offset * torch.randn(
+                    (latents.shape[0], latents.shape[1], 1, 1), generator=generator
+                ).to(latents.device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+            ).to(latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            with accelerator.accumulate(unet), accelerator.autocast():
+                prediction = unet(noisy.to(weight_dtype), timesteps, text_states).sample
+                if config.snr_gamma is None:
+                    loss = F.mse_loss(prediction.float(), target.float())
+                else:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weights = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / snr
+                    if noise_scheduler.config.prediction_type == "v_prediction":
+                        weights = weights / (snr + 1)
+                    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = (per_example * weights).mean()
+                if not torch.isfinite(loss):
+                    last = _latest_checkpoint(checkpoints)
+                    raise TrainingStopped(
+                        f"the loss became {loss.item()} at step {step}; training stopped. The last good checkpoint "
+                        f"is {last or 'none (no checkpoint yet)'}; try a lower --learning-rate, or "
+                        "--mixed-precision bf16 instead of fp16"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            loss_value = loss.item()
+        step += 1
+        rate = (step - bar.initial) / (time.perf_counter() - started)
+        learning_rate = lr_scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+        bar.update(1)
+        metrics.write(json.dumps({"step": step, "loss": loss_value, "lr": learning_rate, "steps_per_s": rate}) + "\n")
+        metrics.flush()
+        if step % config.checkpoint_every == 0 and step < max_steps:
+            _save_checkpoint(accelerator, checkpoints, step, config.keep_checkpoints)
+    bar.close()
+    metrics.close()
+    loss_after = fixed_batch_loss()
+    print(f"loss on a fixed batch: {loss_before:.5f} before training, {loss_after:.5f} after")
+    (work / "summary.json").write_text(
+        json.dumps(
+            {
+                "fixed_batch_loss_before": loss_before,
+                "fixed_batch_loss_after": loss_after,
+                "trainable_parameters": trainable_count,
+                "total_parameters": total,
+                "steps": max_steps,
+                "skipped_images": dict(report.counts),
+            }
+        )
+    )
+    # Save the LoRA layers
+    lora_state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
+    final = publish(config, lora_state, lora_config, loss_value, max_steps, trainable_count, work, report)
+    if config.notify:
+        _notify_workers(final.name)
+    return final
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int) -> None:
+    """Written under a temporary name and renamed: a checkpoint on disk is always whole."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=checkpoints))
+    accelerator.save_state(str(staging))
+    (staging / "progress.json").write_text(json.dumps({"step": step}))
+    staging.rename(checkpoints / f"checkpoint-{step}")
+    for old in sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+
+
+def publish(
+    config: TrainConfig,
+    lora_state,
+    lora_config,
+    final_loss: float,
+    steps: int,
+    trainable: int,
+    work: Path,
+    report: SkipReport,
+) -> Path:
+    """Write the adapter beside LORA_DIR's entries under a hidden name, then rename it into place: a
+    worker reloading meanwhile sees the old adapter or the new one, never half of one."""
+    from worker.adapters import save_adapter
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{config.output.name}.", dir=config.output.parent))
+    save_adapter(staging, lora_state, lora_config)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    (staging / "training_config.json").write_text(json.dumps(settings, indent=2))
+    shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
+    shutil.copy(work / "summary.json", staging / "summary.json")
+    crop = "centre" if config.center_crop else "random"
+    card = [
+        f"# LoRA adapter `{config.output.name}`",
+        "",
+        f"- base model: `{config.base_model}`",
+        f"- data: `{config.data}` ({report.summary()})",
+        f"- steps: {steps}, batch size {config.batch_size} × {config.gradient_accumulation_steps} accumulation",
+        f"- LoRA: rank {lora_config.r}, alpha {lora_config.lora_alpha}, on {', '.join(TARGET_MODULES)} of the UNet "
+        f"({trainable:,} parameters)",
+        f"- optimizer: AdamW, learning rate {config.learning_rate} ({config.lr_scheduler}, "
+        f"{config.lr_warmup_steps} warm-up steps), weight decay {config.weight_decay}",
+        f"- resolution {config.resolution}, {crop} crop, flip {config.flip}, mixed precision "
+        f"{config.mixed_precision}, seed {config.seed}",
+        f"- final loss: {final_loss:.5f} (last step); on a fixed batch: see `summary.json`",
+        "",
+        "Files: `adapter_model.safetensors` + `adapter_config.json` (PEFT: `PeftModel.from_pretrained`),",
+        "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`), `training_config.json`,",
+        "`metrics.jsonl` (loss and learning rate per step).",
+    ]
+    (staging / "README.md").write_text("\n".join(card) + "\n")
+    old = None
+    if config.output.exists():
+        old = config.output.parent / f".{config.output.name}.old-{int(time.time())}"
+        config.output.rename(old)
+    staging.rename(config.output)
+    if old is not None:
+        shutil.rmtree(old)
+    print(f"published {config.output}")
+    return config.output
+
+
+def _notify_workers(name: str) -> None:
+    from imagine.admin import format_reload
+    from imagine.client import ImagineClient
+    from imagine.settings import ServiceSettings
+
+    print(format_reload(ImagineClient(ServiceSettings()).reload_adapters(name)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+    except ValueError as error:
+        print(f"trainer: {error}")
+        return 2
+    try:
+        train(config)
+    except TrainingStopped as stopped:
+        print(f"trainer: {stopped}")
+        return 1
+    return 0
