@@ -1,5 +1,6 @@
-"""The LoRA trainer (`python -m trainer`): fine-tunes SD v1-4's UNet attention on Flickr30k captions.
+"""The LoRA trainer (`python -m trainer train`): fine-tunes SD v1-4's UNet attention projections on
+Flickr30k captions and publishes the adapter into LORA_DIR for the workers to hot-reload.
 
-Built so far: reading the data (`trainer/data.py`). The training loop, caching, checkpoints, export
-and evaluation are the rest of its issue.
+`data.py` reads the data; `train.py` is the training script. Still to come (see its issue): the
+latent and text-embedding cache, validation grids, TensorBoard, and `python -m trainer eval`.
 """

@@ -72,8 +72,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: str | None = None
-    lora_dir: Path | None = None
     notify: bool = False
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -126,6 +127,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--keep-checkpoints", type=int, help="Checkpoints kept, newest first (default 3).")
     parser.add_argument("--resume", help="`latest` or a checkpoint folder to continue from.")
     parser.add_argument(
+        "--gradient-checkpointing", action="store_true", default=None, help="Trade compute for memory in the UNet."
+    )
+    parser.add_argument(
+        "--use-8bit-adam", action="store_true", default=None, help="bitsandbytes' 8-bit AdamW (CUDA only)."
+    )
+    parser.add_argument(
         "--notify", action="store_true", default=None, help="Ask the workers to hot-reload the adapter at the end."
     )
     args = parser.parse_args(argv)
@@ -177,6 +184,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"--holdout-fraction must be in [0, 1) (got {config.holdout_fraction})")
     if config.checkpoint_every < 1 or config.keep_checkpoints < 1:
         raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
+    if config.use_8bit_adam and not torch.cuda.is_available():
+        raise ValueError("--use-8bit-adam needs a CUDA GPU (bitsandbytes)")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if not config.data.is_dir():
@@ -241,6 +250,8 @@ def train(config: TrainConfig) -> Path:
 
     from worker.pipeline import resolve_base_model
 
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and newer: faster float32 matmuls
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
     )
@@ -278,6 +289,8 @@ def train(config: TrainConfig) -> Path:
     )
     torch.manual_seed(config.seed)  # A's random initialisation: the same seed, the same starting point
     unet.add_adapter(lora_config)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if config.mixed_precision != "no":
         # The trainable LoRA weights stay fp32, or the grad scaler fails ("Attempting to unscale FP16 gradients").
         cast_training_params(unet, dtype=torch.float32)
@@ -288,7 +301,15 @@ def train(config: TrainConfig) -> Path:
 
     steps_per_epoch = math.ceil(len(images) / (config.batch_size * config.gradient_accumulation_steps))
     max_steps = config.max_steps or config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise ValueError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps
     )
@@ -519,4 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         print(f"trainer: {stopped}")
         return 1
+    except ValueError as error:  # the data or an option turned out unusable once loaded
+        print(f"trainer: {error}")
+        return 2
     return 0
