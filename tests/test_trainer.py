@@ -40,6 +40,8 @@ def flickr(tmp_path_factory):
 
 def run_trainer(*args: str, model_cache, wait: bool = True):
     command = [sys.executable, "-m", "trainer", "train", *args, "--model-cache-dir", str(model_cache)]
+    if "--no-cache" not in args and "--cache-dir" not in args:
+        command += ["--cache-dir", str(model_cache / "encoder-cache")]
     if not wait:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -163,3 +165,26 @@ def test_config_file_and_impossible_combinations_fail_before_loading(flickr, mod
     overridden = run_trainer("--config", str(config), "--max-steps", "2", *TRAIN, model_cache=model_cache)
     assert overridden.returncode == 0, overridden.stdout + overridden.stderr
     assert json.loads((tmp_path / "out" / "x" / "training_config.json").read_text())["max_steps"] == 2
+
+
+def test_cached_and_uncached_training_give_the_same_losses(flickr, model_cache, tmp_path):
+    common = ["--data", str(flickr), "--max-steps", "6", "--flip", *TRAIN]
+    cache = tmp_path / "cache"
+    runs = {}
+    for name, extra in [
+        ("first", ["--cache-dir", str(cache)]),
+        ("uncached", ["--no-cache"]),
+        ("cached", ["--cache-dir", str(cache)]),
+    ]:
+        output = tmp_path / name / "adapter"
+        done = run_trainer(*common, "--output", str(output), *extra, model_cache=model_cache)
+        assert done.returncode == 0, done.stdout + done.stderr
+        losses = [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (losses, json.loads((output / "summary.json").read_text()))
+    assert runs["first"][1]["cache_misses"] > 0
+    cached = runs["cached"][1]
+    assert cached["cache_misses"] == 0 and cached["cache_hits"] > 0  # the second run only reads
+    assert any(path.name.endswith("-flip.safetensors") for path in cache.rglob("latent-*"))
+    for name in ("first", "cached"):
+        assert runs[name][0] == pytest.approx(runs["uncached"][0], abs=1e-5)
+    assert cached["cache_read_ms_per_item"] < runs["first"][1]["encode_ms_per_item"]

@@ -11,6 +11,7 @@ exactly the draws the uninterrupted run would have made, and ends on the same we
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from trainer.cache import EncodingCache, cache_key, data_fingerprint
 from trainer.data import (
     SkipReport,
     load_records,
@@ -73,6 +75,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None
     notify: bool = False
+    cache: bool = True
+    cache_dir: Path = field(default_factory=lambda: Path("~/.cache/imagine/trainer").expanduser())
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
 
@@ -127,6 +131,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--keep-checkpoints", type=int, help="Checkpoints kept, newest first (default 3).")
     parser.add_argument("--resume", help="`latest` or a checkpoint folder to continue from.")
     parser.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        default=None,
+        help="Encode every batch with the VAE and text encoder instead of reading the cache.",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, help="Where the encoder cache lives (default ~/.cache/imagine/trainer)."
+    )
+    parser.add_argument(
         "--gradient-checkpointing", action="store_true", default=None, help="Trade compute for memory in the UNet."
     )
     parser.add_argument(
@@ -145,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for required in ("data", "output"):
         if required not in values:
             raise ValueError(f"--{required} is required (as a flag or in the config file)")
-    for key in ("data", "output", "model_cache_dir"):
+    for key in ("data", "output", "model_cache_dir", "cache_dir"):
         if key in values:
             values[key] = Path(values[key]).expanduser()
     config = TrainConfig(**values)
@@ -184,6 +198,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"--holdout-fraction must be in [0, 1) (got {config.holdout_fraction})")
     if config.checkpoint_every < 1 or config.keep_checkpoints < 1:
         raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
+    if config.cache and not config.center_crop:
+        raise ValueError("--random-crop changes every epoch, so it cannot be cached: add --no-cache")
     if config.use_8bit_adam and not torch.cuda.is_available():
         raise ValueError("--use-8bit-adam needs a CUDA GPU (bitsandbytes)")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -211,6 +227,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+@dataclass(frozen=True)
+class Example:
+    index: int
+    caption: str
+    flip: bool
+    crop_seed: str
+
+
 class TrainingImages:
     """Training examples: the image at its position in an epoch, one of its captions drawn for that epoch."""
 
@@ -227,13 +251,16 @@ class TrainingImages:
     def __len__(self) -> int:
         return len(self.records)
 
-    def example(self, epoch: int, index: int) -> tuple[np.ndarray, str]:
+    def example(self, epoch: int, index: int) -> Example:
         rng = random.Random(f"{self.config.seed}:example:{epoch}:{index}")
         caption = rng.choice(self.records[index].captions)
         flip = self.config.flip and rng.random() < 0.5
-        return to_training_array(
-            self.images[index], self.config.resolution, self.config.center_crop, flip, rng
-        ), caption
+        return Example(index, caption, flip, f"{self.config.seed}:crop:{epoch}:{index}")
+
+    def pixels(self, example: Example) -> np.ndarray:
+        image = self.images[example.index]
+        crop_rng = random.Random(example.crop_seed)
+        return to_training_array(image, self.config.resolution, self.config.center_crop, example.flip, crop_rng)
 
 
 # The run -------------------------------------------------------------------------------------------
@@ -242,6 +269,7 @@ class TrainingImages:
 def train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
     from peft import LoraConfig
@@ -328,14 +356,57 @@ def train(config: TrainConfig) -> Path:
             _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
             print(f"resumed from {resume_from} at step {step}")
 
+    cache = None
+    if config.cache:
+        key = cache_key(
+            data=data_fingerprint([record.image_path for record in images.records]),
+            model=source,
+            vae=dict(vae.config),
+            text_encoder=text_encoder.config.to_dict(),
+            resolution=config.resolution,
+            dtype=str(weight_dtype),
+        )
+        cache = EncodingCache(config.cache_dir, key)
+        print(f"encoder cache: {cache.folder}")
+
+    def latent_parameters(examples: list[Example]) -> torch.Tensor:
+        def compute(batch: list[Example]) -> torch.Tensor:
+            arrays = np.stack([images.pixels(example) for example in batch])
+            pixels = torch.from_numpy(arrays).to(accelerator.device, dtype=weight_dtype)
+            return vae.encode(pixels).latent_dist.parameters
+
+        if cache is None:
+            return compute(examples)
+        parts = [
+            cache.get(f"latent-{e.index}{'-flip' if e.flip else ''}", lambda e=e: compute([e])[0]) for e in examples
+        ]
+        return torch.stack(parts).to(accelerator.device)
+
+    def text_states(captions: list[str]) -> torch.Tensor:
+        def compute(texts: list[str]) -> torch.Tensor:
+            ids = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(accelerator.device)
+            return text_encoder(ids)[0]
+
+        if cache is None:
+            return compute(captions)
+        parts = [
+            cache.get("text-" + hashlib.sha256(text.encode()).hexdigest()[:24], lambda t=text: compute([t])[0])
+            for text in captions
+        ]
+        return torch.stack(parts).to(accelerator.device)
+
     @torch.no_grad()
-    def encode(batch_images: list[np.ndarray], captions: list[str], generator: torch.Generator):
-        pixels = torch.from_numpy(np.stack(batch_images)).to(accelerator.device, dtype=weight_dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(accelerator.device)
-        return latents.float(), text_encoder(ids)[0]
+    def encode(examples: list[Example], generator: torch.Generator):
+        # Sampled from the distribution whether it was cached or not: the same generator, the same latents.
+        distribution = DiagonalGaussianDistribution(latent_parameters(examples))
+        latents = distribution.sample(generator=generator) * vae.config.scaling_factor
+        return latents.float(), text_states([example.caption for example in examples])
 
     @torch.no_grad()
     def fixed_batch_loss() -> float:
@@ -343,15 +414,14 @@ def train(config: TrainConfig) -> Path:
         per-step loss, whose random timesteps make it noisy, it shows whether training helped."""
         generator = torch.Generator().manual_seed(config.seed)
         count = min(4, len(images))
-        arrays, captions = zip(*(images.example(0, index) for index in range(count)), strict=True)
-        latents, text_states = encode(list(arrays), list(captions), generator)
+        latents, states = encode([images.example(0, index) for index in range(count)], generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         total = 0.0
         for timestep in torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, 4).long():
             timesteps = timestep.repeat(count).to(latents.device)
             with accelerator.autocast():
                 prediction = unet(
-                    noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype), timesteps, text_states
+                    noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype), timesteps, states
                 ).sample
             target = noise
             if noise_scheduler.config.prediction_type == "v_prediction":
@@ -375,7 +445,7 @@ def train(config: TrainConfig) -> Path:
                 for k, epoch in enumerate(positions)
             ]
             generator = step_generator(config.seed, step * config.gradient_accumulation_steps + micro)
-            latents, text_states = encode([array for array, _ in batch], [caption for _, caption in batch], generator)
+            latents, states = encode(batch, generator)
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             if config.noise_offset:
                 noise += config.noise_offset * torch.randn(
@@ -390,7 +460,7 @@ def train(config: TrainConfig) -> Path:
             else:
                 target = noise
             with accelerator.accumulate(unet), accelerator.autocast():
-                prediction = unet(noisy.to(weight_dtype), timesteps, text_states).sample
+                prediction = unet(noisy.to(weight_dtype), timesteps, states).sample
                 if config.snr_gamma is None:
                     loss = F.mse_loss(prediction.float(), target.float())
                 else:
@@ -432,6 +502,7 @@ def train(config: TrainConfig) -> Path:
             {
                 "fixed_batch_loss_before": loss_before,
                 "fixed_batch_loss_after": loss_after,
+                **(cache.report() if cache else {}),
                 "trainable_parameters": trainable_count,
                 "total_parameters": total,
                 "steps": max_steps,
