@@ -188,3 +188,28 @@ def test_cached_and_uncached_training_give_the_same_losses(flickr, model_cache, 
     for name in ("first", "cached"):
         assert runs[name][0] == pytest.approx(runs["uncached"][0], abs=1e-5)
     assert cached["cache_read_ms_per_item"] < runs["first"][1]["encode_ms_per_item"]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(flickr, model_cache, tmp_path):
+    output = tmp_path / "loradir" / "exploding"
+    done = run_trainer(
+        "--data",
+        str(flickr),
+        "--output",
+        str(output),
+        "--max-steps",
+        "5",
+        "--checkpoint-every",
+        "1",
+        "--learning-rate",
+        "1e30",
+        "--max-grad-norm",
+        "1e30",
+        *TRAIN[:4],
+        model_cache=model_cache,
+    )
+    assert done.returncode == 1
+    assert "the loss became nan at step 2; training stopped. The last good checkpoint is" in done.stdout
+    assert "checkpoint-1" in done.stdout and "try a lower --learning-rate" in done.stdout
+    assert not output.exists()  # nothing half-trained is published
+    assert (output.parent / ".exploding.training" / "checkpoints" / "checkpoint-1").is_dir()

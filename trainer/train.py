@@ -473,9 +473,9 @@ def train(config: TrainConfig) -> Path:
                 if not torch.isfinite(loss):
                     last = _latest_checkpoint(checkpoints)
                     raise TrainingStopped(
-                        f"the loss became {loss.item()} at step {step}; training stopped. The last good checkpoint "
-                        f"is {last or 'none (no checkpoint yet)'}; try a lower --learning-rate, or "
-                        "--mixed-precision bf16 instead of fp16"
+                        f"the loss became {loss.item()} at step {step + 1}; training stopped. "
+                        f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
+                        "try a lower --learning-rate, or --mixed-precision bf16 instead of fp16"
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
