@@ -285,7 +285,10 @@ def test_per_user_limit_and_queue_cap_refuse_politely(discord_env):
     first = fake.send_slash_command(ALICE, "imagine", {"prompt": "one", **SMALL})
     second = fake.send_slash_command(ALICE, "imagine", {"prompt": "two", **SMALL})
     for interaction_id in (first, second):
-        fake.wait_for(lambda i=interaction_id: fake.interaction(i).original, what="a queued job")
+        fake.wait_for(
+            lambda i=interaction_id: "Queued" in (fake.interaction(i).original or {}).get("content", ""),
+            what="a queued job",
+        )
     third = fake.send_slash_command(ALICE, "imagine", {"prompt": "three", **SMALL})
     assert "You already have 2 jobs queued or rendering (the limit is 2)" in ephemeral_reply(fake, third)
 
