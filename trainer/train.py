@@ -11,6 +11,7 @@ exactly the draws the uninterrupted run would have made, and ends on the same we
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -217,10 +218,12 @@ def check_config(config: TrainConfig) -> None:
 # Randomness as a function of (seed, step) ---------------------------------------------------------
 
 
-def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, size: int) -> tuple[int, ...]:
+    """The epoch's shuffled image order, computed once per epoch rather than once per example."""
     order = list(range(size))
     random.Random(f"{seed}:order:{epoch}").shuffle(order)
-    return order
+    return tuple(order)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -240,13 +243,9 @@ class TrainingImages:
 
     def __init__(self, records, config: TrainConfig, report: SkipReport) -> None:
         self.config = config
-        self.records = []
-        self.images = []
-        for record in records:
-            image = open_rgb(record.image_path, report)
-            if image is not None:
-                self.records.append(record)
-                self.images.append(image)
+        # Every image is checked once here, but not kept: 31,783 decoded Flickr30k images would not fit in
+        # memory, and with the encoder cache most are never needed again.
+        self.records = [record for record in records if open_rgb(record.image_path, report) is not None]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -258,7 +257,10 @@ class TrainingImages:
         return Example(index, caption, flip, f"{self.config.seed}:crop:{epoch}:{index}")
 
     def pixels(self, example: Example) -> np.ndarray:
-        image = self.images[example.index]
+        path = self.records[example.index].image_path
+        image = open_rgb(path, SkipReport())
+        if image is None:
+            raise ValueError(f"{path} was readable when training started and is not any more")
         crop_rng = random.Random(example.crop_seed)
         return to_training_array(image, self.config.resolution, self.config.center_crop, example.flip, crop_rng)
 
