@@ -26,6 +26,38 @@ def model_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(model_cache) -> Path:
+    """A CLIP model with random weights and small dimensions, saved like a hub download: what
+    `python -m trainer eval --clip-model` loads. Its tokenizer is the tiny model's byte-level one."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from worker.pipeline import ensure_built_in_model
+
+    tokenizer = CLIPTokenizer.from_pretrained(ensure_built_in_model("tiny", model_cache) / "tokenizer")
+    torch.manual_seed(0)
+    shared = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config=shared | {"vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config=shared | {"image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    with torch.no_grad():
+        # Random embeddings are nearly orthogonal, half their cosines negative, and the CLIP score floors
+        # those at 0: a direction shared by both projections keeps every score positive and different.
+        model.vision_model.post_layernorm.bias.fill_(1.0)
+        model.text_model.final_layer_norm.bias.fill_(1.0)
+        model.visual_projection.weight.add_(0.1)
+        model.text_projection.weight.add_(0.1)
+    folder = model_cache / "tiny-clip"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_pipe(model_cache):
     """A fresh tiny pipeline loaded the way the worker loads it."""

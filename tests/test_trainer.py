@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, wait_for
+from tests.helpers import BIN, REPO, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +39,33 @@ def flickr(tmp_path_factory):
     return root
 
 
-def run_trainer(*args: str, model_cache, wait: bool = True):
-    command = [sys.executable, "-m", "trainer", "train", *args, "--model-cache-dir", str(model_cache)]
+def run_trainer(*args: str, model_cache, wait: bool = True, launcher: tuple[str, ...] = (sys.executable,), env=None):
+    command = [*launcher, "-m", "trainer", "train", *args, "--model-cache-dir", str(model_cache)]
     if "--no-cache" not in args and "--cache-dir" not in args:
         command += ["--cache-dir", str(model_cache / "encoder-cache")]
     if not wait:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def run_eval(*args: str):
+    command = [sys.executable, "-m", "trainer", "eval", *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def tensorboard_events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def grid_rows(path) -> tuple[bytes, bytes]:
+    """The top (base model) and bottom (adapter) rows of a validation grid."""
+    with Image.open(path) as grid:
+        width, height = grid.size
+        return grid.crop((0, 0, width, height // 2)).tobytes(), grid.crop((0, height // 2, width, height)).tobytes()
 
 
 def test_training_lowers_the_loss_and_writes_an_adapter_everyone_can_load(flickr, model_cache, tmp_path):
@@ -59,6 +80,10 @@ def test_training_lowers_the_loss_and_writes_an_adapter_everyone_can_load(flickr
         *TRAIN,
         "--lr-scheduler",
         "constant",
+        "--validation-every",
+        "20",
+        "--validation-steps",
+        "2",
         model_cache=model_cache,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -74,7 +99,28 @@ def test_training_lowers_the_loss_and_writes_an_adapter_everyone_can_load(flickr
         "training_config.json",
         "metrics.jsonl",
     }
-    assert len((output / "metrics.jsonl").read_text().splitlines()) == 40
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in metrics] == list(range(1, 41))
+
+    # Validation grids at steps 20 and 40: the base row is the same each time (fixed prompts and seeds),
+    # the adapter row has moved away from it; the last grid is published with the adapter.
+    work = output.parent / ".flickr30k.training"
+    grids = sorted((work / "validation").glob("step-*.png"))
+    assert [path.name for path in grids] == ["step-000020.png", "step-000040.png"]
+    with Image.open(grids[-1]) as grid:
+        assert grid.size == (4 * 256, 2 * 256)  # four prompts, base above adapter
+    (base_20, adapted_20), (base_40, adapted_40) = grid_rows(grids[0]), grid_rows(grids[1])
+    assert base_20 == base_40 and adapted_40 != base_40 and adapted_40 != adapted_20
+    assert (output / "validation.png").read_bytes() == grids[-1].read_bytes()
+    card = (output / "README.md").read_text()
+    assert "![validation grid](validation.png)" in card and "Not evaluated yet" in card
+
+    # TensorBoard holds the same losses as metrics.jsonl, and the grids.
+    events = tensorboard_events(work / "tensorboard")
+    logged = events.Scalars("train/loss")
+    assert [event.step for event in logged] == list(range(1, 41))
+    assert [event.value for event in logged] == pytest.approx([line["loss"] for line in metrics], rel=1e-6)
+    assert [event.step for event in events.Images("validation/base (top) vs adapter (bottom)")] == [20, 40]
     assert not list(output.parent.glob(f".{output.name}.[!t]*"))  # no half-published folder left behind
 
     peft_state = load_file(output / "adapter_model.safetensors")
@@ -126,6 +172,19 @@ def test_interrupted_and_resumed_equals_uninterrupted(flickr, model_cache, tmp_p
     process.wait(10)
     assert not resumed.exists(), "the run finished before it could be interrupted"
 
+    # A checkpoint holds the LoRA weights, the optimizer and the schedule, not the frozen UNet.
+    checkpoint = checkpoints / "checkpoint-10"
+    assert {path.name for path in checkpoint.iterdir()} == {
+        "lora.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "progress.json",
+    }
+    lora = load_file(checkpoint / "lora.safetensors")
+    assert all(".lora_A." in key or ".lora_B." in key for key in lora)
+    assert sum(tensor.numel() for tensor in lora.values()) == 9984
+
     again = run_trainer(*common, "--output", str(resumed), "--resume", "latest", model_cache=model_cache)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in again.stdout and "checkpoint-" in again.stdout
@@ -135,6 +194,39 @@ def test_interrupted_and_resumed_equals_uninterrupted(flickr, model_cache, tmp_p
         assert torch.allclose(first[key], second[key], atol=1e-6), key
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))
+    # The resumed run replaced in TensorBoard the steps the killed run logged after its checkpoint.
+    logged = tensorboard_events(resumed.parent / ".resumed.training" / "tensorboard").Scalars("train/loss")
+    assert [event.step for event in logged] == list(range(1, 41))
+
+
+def test_two_processes_train_like_one_process_with_the_whole_batch(flickr, model_cache, tmp_path):
+    """`accelerate launch` / torchrun on several GPUs, here two CPU processes over gloo: each takes its
+    share of every batch, gradients are averaged, and the schedule counts optimizer steps, so two
+    processes with batch 1 end on the weights of one process with batch 2."""
+    common = ["--data", str(flickr), "--max-steps", "6", "--lr-warmup-steps", "2", "--validation-every", "0"]
+    common += ["--validation-steps", "1", *TRAIN]
+    single = tmp_path / "single" / "adapter"
+    done = run_trainer(*common, "--batch-size", "2", "--output", str(single), model_cache=model_cache)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    shared = tmp_path / "shared" / "adapter"
+    torchrun = (str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets
+    done = run_trainer(
+        *common, "--batch-size", "1", "--output", str(shared), model_cache=model_cache, launcher=torchrun, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((shared / "summary.json").read_text())["processes"] == 2
+    assert done.stdout.count("published") == 1  # one process writes
+
+    def read(folder):
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert [line["lr"] for line in read(shared)] == pytest.approx([line["lr"] for line in read(single)])
+    assert [line["loss"] for line in read(shared)] == pytest.approx([line["loss"] for line in read(single)], abs=1e-5)
+    first, second = load_file(single / "adapter_model.safetensors"), load_file(shared / "adapter_model.safetensors")
+    for key in first:
+        assert torch.allclose(first[key], second[key], atol=1e-5), key
 
 
 def test_config_file_and_impossible_combinations_fail_before_loading(flickr, model_cache, tmp_path):
@@ -213,3 +305,91 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(flickr, mod
     assert "checkpoint-1" in done.stdout and "try a lower --learning-rate" in done.stdout
     assert not output.exists()  # nothing half-trained is published
     assert (output.parent / ".exploding.training" / "checkpoints" / "checkpoint-1").is_dir()
+
+
+@pytest.fixture(scope="module")
+def trained(flickr, model_cache, tmp_path_factory):
+    """An adapter trained with a quarter of the images held out, so there are captions to evaluate on."""
+    output = tmp_path_factory.mktemp("eval") / "loradir" / "flickr30k"
+    done = run_trainer(
+        "--data",
+        str(flickr),
+        "--output",
+        str(output),
+        "--max-steps",
+        "20",
+        *TRAIN[:4],
+        "--learning-rate",
+        "1e-2",
+        "--holdout-fraction",
+        "0.25",
+        "--validation-every",
+        "0",
+        "--validation-steps",
+        "1",
+        model_cache=model_cache,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return output
+
+
+def test_eval_reports_clip_scores_with_a_confidence_interval(trained, tiny_clip):
+    done = run_eval("--adapter", str(trained), "--clip-model", str(tiny_clip), "--steps", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((trained / "eval" / "report.json").read_text())
+    held_out = json.loads((trained / "held_out.json").read_text())
+    # Two held-out images with two captions each: every caption once, first captions first.
+    assert [entry["caption"] for entry in report["per_caption"]] == [
+        held_out[0]["captions"][0],
+        held_out[1]["captions"][0],
+        held_out[0]["captions"][1],
+        held_out[1]["captions"][1],
+    ]
+    assert report["captions"] == 4 and report["base_model"] == "tiny" and report["clip_model"] == str(tiny_clip)
+    base = [entry["base"] for entry in report["per_caption"]]
+    adapted = [entry["adapter"] for entry in report["per_caption"]]
+    assert all(0 < score <= 100 for score in base + adapted)
+    assert base != adapted  # the adapter changed the images
+    assert report["clip_score_base"] == pytest.approx(sum(base) / 4)
+    assert report["difference"] == pytest.approx((sum(adapted) - sum(base)) / 4)
+    low, high = report["difference_interval"]
+    assert low <= report["difference"] <= high and low < high
+    differences = [a - b for a, b in zip(adapted, base, strict=True)]
+    assert min(differences) <= low and high <= max(differences)
+
+    with Image.open(trained / "eval" / "grid.png") as grid:
+        assert grid.size == (4 * 256, 2 * 256)
+    card = (trained / "README.md").read_text()
+    assert "Not evaluated yet" not in card and "## Validation" in card
+    assert f"base {report['clip_score_base']:.2f}, adapter {report['clip_score_adapter']:.2f}" in card
+    assert (
+        "(95 % CI" in card and "![base model (top) and adapter (bottom) on held-out captions](eval/grid.png)" in card
+    )
+    assert f"difference {report['difference']:+.2f}" in done.stdout
+
+    again = run_eval("--adapter", str(trained), "--clip-model", str(tiny_clip), "--steps", "3")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((trained / "eval" / "report.json").read_text()) == report  # fixed seeds: the same report
+    assert (trained / "README.md").read_text() == card  # the section is replaced, not appended
+
+
+def test_eval_refuses_what_it_cannot_use_with_a_clear_message(trained, tiny_clip, tmp_path):
+    missing = run_eval("--adapter", str(tmp_path / "nowhere"), "--clip-model", str(tiny_clip))
+    assert missing.returncode == 2 and "no such folder, nor an adapter of that name in LORA_DIR" in missing.stdout
+
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("a single prompt\n")
+    few = run_eval("--adapter", str(trained), "--clip-model", str(tiny_clip), "--captions-file", str(one_line))
+    assert few.returncode == 2 and "a confidence interval needs at least 2" in few.stdout
+
+    offline = subprocess.run(
+        [sys.executable, "-m", "trainer", "eval", "--adapter", str(trained), "--clip-model", "no-org/no-clip"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert offline.returncode == 2, offline.stdout + offline.stderr
+    assert "could not load the CLIP model 'no-org/no-clip'" in offline.stdout
+    assert "--clip-model" in offline.stdout  # says how to point at a local copy

@@ -41,6 +41,16 @@ logger = logging.getLogger(__name__)
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 CHECKPOINTS = "checkpoints"
+LORA_FILE = "lora.safetensors"
+"""A checkpoint's LoRA weights, in PEFT's module naming."""
+HELD_OUT = "held_out.json"
+"""The held-out images' names and captions, published with the adapter for `python -m trainer eval`."""
+TENSORBOARD_RUN = "tensorboard"
+VALIDATION_GRID = "validation.png"
+VALIDATION_TAG = "validation/base (top) vs adapter (bottom)"
+EVALUATION_HEADING = "## Evaluation"
+"""The model card's last section, rewritten by `python -m trainer eval`."""
+DEFAULT_VALIDATION_PROMPTS = 4
 
 
 class TrainingStopped(RuntimeError):
@@ -80,6 +90,9 @@ class TrainConfig:
     cache_dir: Path = field(default_factory=lambda: Path("~/.cache/imagine/trainer").expanduser())
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
+    validation_prompts: list[str] | None = None
+    validation_every: int = 500
+    validation_steps: int = 25
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -148,6 +161,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "--use-8bit-adam", action="store_true", default=None, help="bitsandbytes' 8-bit AdamW (CUDA only)."
     )
     parser.add_argument(
+        "--validation-prompt",
+        dest="validation_prompts",
+        action="append",
+        help="A prompt for the validation grids; repeat for several (default: captions of 4 held-out images).",
+    )
+    parser.add_argument(
+        "--validation-every",
+        type=int,
+        help="Steps between validation grids, adapter against base model (default 500; 0: only at the end).",
+    )
+    parser.add_argument("--validation-steps", type=int, help="Inference steps of a validation image (default 25).")
+    parser.add_argument(
         "--notify", action="store_true", default=None, help="Ask the workers to hot-reload the adapter at the end."
     )
     args = parser.parse_args(argv)
@@ -199,6 +224,12 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"--holdout-fraction must be in [0, 1) (got {config.holdout_fraction})")
     if config.checkpoint_every < 1 or config.keep_checkpoints < 1:
         raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
+    if config.validation_every < 0 or config.validation_steps < 1:
+        raise ValueError("--validation-every must be at least 0 and --validation-steps at least 1")
+    if config.validation_prompts is not None and not all(
+        isinstance(prompt, str) and prompt.strip() for prompt in config.validation_prompts
+    ):
+        raise ValueError("every --validation-prompt must be a non-empty text")
     if config.cache and not config.center_crop:
         raise ValueError("--random-crop changes every epoch, so it cannot be cached: add --no-cache")
     if config.use_8bit_adam and not torch.cuda.is_available():
@@ -226,8 +257,18 @@ def epoch_order(seed: int, epoch: int, size: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def example_generator(seed: int, draw: int) -> torch.Generator:
+    """The generator of the draw-th example of the run: its latent sample, noise and timestep depend on
+    nothing else, so a batch split over several processes trains exactly as the same batch on one."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
+
+
+def normal_per_example(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=generator) for generator in generators])
+
+
+def timesteps_per_example(generators: list[torch.Generator], count: int) -> torch.Tensor:
+    return torch.stack([torch.randint(0, count, (), generator=generator) for generator in generators])
 
 
 @dataclass(frozen=True)
@@ -270,32 +311,40 @@ class TrainingImages:
 
 def train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from trainer.validation import ValidationGrids
     from worker.pipeline import resolve_base_model
 
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and newer: faster float32 matmuls
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
-    )
     work = config.output.parent / f".{config.output.name}.training"
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(work),
+    )
+    main_process = accelerator.is_main_process
     work.mkdir(parents=True, exist_ok=True)
 
     # Data
     report = SkipReport()
     train_records, held_out = split_by_image(load_records(config.data), config.holdout_fraction, config.seed)
     images = TrainingImages(train_records, config, report)
-    print(f"data: {len(images)} training images, {len(held_out)} held out; {report.summary()}")
+    accelerator.print(f"data: {len(images)} training images, {len(held_out)} held out; {report.summary()}")
     if not len(images):
         raise ValueError(f"no usable training image in {config.data} ({report.summary()})")
-    (work / "held_out.json").write_text(json.dumps([asdict(r) | {"image_path": str(r.image_path)} for r in held_out]))
+    held_out_captions = [{"image": record.image_path.name, "captions": record.captions} for record in held_out]
+    if main_process:
+        (work / HELD_OUT).write_text(json.dumps(held_out_captions, indent=1))
 
     # Load models
     source = resolve_base_model(config.base_model, config.model_cache_dir)
@@ -327,10 +376,14 @@ def train(config: TrainConfig) -> Path:
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     trainable_count = sum(parameter.numel() for parameter in trainable)
     total = sum(p.numel() for model in (unet, vae, text_encoder) for p in model.parameters())
-    print(f"trainable LoRA parameters: {trainable_count:,} of {total:,} ({100 * trainable_count / total:.4f} %)")
+    accelerator.print(
+        f"trainable LoRA parameters: {trainable_count:,} of {total:,} ({100 * trainable_count / total:.4f} %)"
+    )
 
-    steps_per_epoch = math.ceil(len(images) / (config.batch_size * config.gradient_accumulation_steps))
-    max_steps = config.max_steps or config.epochs * steps_per_epoch
+    # One optimizer step takes batch-size x accumulation examples on each of the processes.
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    examples_per_step = config.batch_size * config.gradient_accumulation_steps * processes
+    max_steps = config.max_steps or config.epochs * math.ceil(len(images) / examples_per_step)
     if config.use_8bit_adam:
         try:
             import bitsandbytes
@@ -340,10 +393,32 @@ def train(config: TrainConfig) -> Path:
     else:
         optimizer_class = torch.optim.AdamW
     optimizer = optimizer_class(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # accelerate steps a prepared scheduler once per process on every optimizer step: count in those units.
     lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * processes,
+        num_training_steps=max_steps * processes,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    # Checkpoints hold the LoRA weights, not the whole frozen UNet (3.4 GB for SD v1-4), with the
+    # optimizer and scheduler that accelerate saves beside them.
+    def save_lora_only(models, weights, folder: str) -> None:
+        for model in models:
+            state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+            tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+            save_file(tensors, Path(folder, LORA_FILE))
+        weights.clear()
+
+    def load_lora_only(models, folder: str) -> None:
+        while models:
+            set_peft_model_state_dict(
+                accelerator.unwrap_model(models.pop()), load_file(Path(folder, LORA_FILE)), adapter_name="default"
+            )
+
+    accelerator.register_save_state_pre_hook(save_lora_only)
+    accelerator.register_load_state_pre_hook(load_lora_only)
 
     # Resume
     step = 0
@@ -351,12 +426,18 @@ def train(config: TrainConfig) -> Path:
     if config.resume:
         resume_from = _latest_checkpoint(checkpoints) if config.resume == "latest" else Path(config.resume)
         if resume_from is None:
-            print("no checkpoint to resume from: starting at step 0")
+            accelerator.print("no checkpoint to resume from: starting at step 0")
         else:
             accelerator.load_state(str(resume_from))
             step = json.loads((resume_from / "progress.json").read_text())["step"]
-            _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
-            print(f"resumed from {resume_from} at step {step}")
+            if main_process:
+                _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
+            accelerator.print(f"resumed from {resume_from} at step {step}")
+
+    # TensorBoard: a resumed run replaces what the interrupted one logged after its checkpoint.
+    hyperparameters = {key: _loggable(value) for key, value in asdict(config).items()}
+    accelerator.init_trackers(TENSORBOARD_RUN, hyperparameters, init_kwargs={"tensorboard": {"purge_step": step + 1}})
+    accelerator.print(f"TensorBoard: tensorboard --logdir {work / TENSORBOARD_RUN}")
 
     cache = None
     if config.cache:
@@ -369,7 +450,7 @@ def train(config: TrainConfig) -> Path:
             dtype=str(weight_dtype),
         )
         cache = EncodingCache(config.cache_dir, key)
-        print(f"encoder cache: {cache.folder}")
+        accelerator.print(f"encoder cache: {cache.folder}")
 
     def latent_parameters(examples: list[Example]) -> torch.Tensor:
         def compute(batch: list[Example]) -> torch.Tensor:
@@ -404,10 +485,11 @@ def train(config: TrainConfig) -> Path:
         return torch.stack(parts).to(accelerator.device)
 
     @torch.no_grad()
-    def encode(examples: list[Example], generator: torch.Generator):
+    def encode(examples: list[Example], generators: list[torch.Generator]):
         # Sampled from the distribution whether it was cached or not: the same generator, the same latents.
         distribution = DiagonalGaussianDistribution(latent_parameters(examples))
-        latents = distribution.sample(generator=generator) * vae.config.scaling_factor
+        epsilon = normal_per_example(generators, distribution.mean.shape[1:]).to(distribution.mean)
+        latents = (distribution.mean + distribution.std * epsilon) * vae.config.scaling_factor
         return latents.float(), text_states([example.caption for example in examples])
 
     @torch.no_grad()
@@ -416,7 +498,7 @@ def train(config: TrainConfig) -> Path:
         per-step loss, whose random timesteps make it noisy, it shows whether training helped."""
         generator = torch.Generator().manual_seed(config.seed)
         count = min(4, len(images))
-        latents, states = encode([images.example(0, index) for index in range(count)], generator)
+        latents, states = encode([images.example(0, index) for index in range(count)], [generator] * count)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         total = 0.0
         for timestep in torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, 4).long():
@@ -431,31 +513,60 @@ def train(config: TrainConfig) -> Path:
             total += F.mse_loss(prediction.float(), target.float()).item()
         return total / 4
 
+    validation = None
+    if main_process:
+        prompts = config.validation_prompts or _default_validation_prompts(held_out, images.records)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            unet=accelerator.unwrap_model(unet),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            safety_checker=None,
+            requires_safety_checker=False,
+            dtype=weight_dtype,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        with accelerator.autocast():
+            validation = ValidationGrids(
+                pipe, prompts, config.seed, config.validation_steps, config.resolution, work / "validation"
+            )
+        tensorboard = accelerator.get_tracker("tensorboard", unwrap=True)
+        tensorboard.add_text("validation/prompts", "\n\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)), step)
+
+    def log_validation_grid(at_step: int) -> Path | None:
+        grid_path = None
+        if validation is not None:
+            with accelerator.autocast():
+                grid_path, grid = validation.grid(at_step)
+            tensorboard.add_image(VALIDATION_TAG, np.asarray(grid), at_step, dataformats="HWC")
+        accelerator.wait_for_everyone()
+        return grid_path
+
     # Train!
     loss_before = fixed_batch_loss()
-    metrics = (work / "metrics.jsonl").open("a")
-    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step")
-    examples_per_step = config.batch_size * config.gradient_accumulation_steps
+    metrics = (work / "metrics.jsonl").open("a") if main_process else None
+    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not main_process)
     started = time.perf_counter()
     loss_value = float("nan")
     while step < max_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(config.gradient_accumulation_steps):
-            first = step * examples_per_step + micro * config.batch_size
+            # Each process takes its own slice of the step's examples.
+            first = ((step * config.gradient_accumulation_steps + micro) * processes + rank) * config.batch_size
             positions = [(first + k) // len(images) for k in range(config.batch_size)]  # epochs
             batch = [
                 images.example(epoch, epoch_order(config.seed, epoch, len(images))[(first + k) % len(images)])
                 for k, epoch in enumerate(positions)
             ]
-            generator = step_generator(config.seed, step * config.gradient_accumulation_steps + micro)
-            latents, states = encode(batch, generator)
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+            generators = [example_generator(config.seed, first + k) for k in range(config.batch_size)]
+            latents, states = encode(batch, generators)
+            noise = normal_per_example(generators, latents.shape[1:]).to(latents.device)
             if config.noise_offset:
-                noise += config.noise_offset * torch.randn(
-                    (latents.shape[0], latents.shape[1], 1, 1), generator=generator
-                ).to(latents.device)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-            ).to(latents.device)
+                offset = normal_per_example(generators, (latents.shape[1], 1, 1))
+                noise += config.noise_offset * offset.to(latents.device)
+            timesteps = timesteps_per_example(generators, noise_scheduler.config.num_train_timesteps)
+            timesteps = timesteps.to(latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -470,8 +581,9 @@ def train(config: TrainConfig) -> Path:
                     weights = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / snr
                     if noise_scheduler.config.prediction_type == "v_prediction":
                         weights = weights / (snr + 1)
-                    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    loss = (per_example * weights).mean()
+                    squared_errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
+                    example_losses = squared_errors.mean(dim=(1, 2, 3))
+                    loss = (example_losses * weights).mean()
                 if not torch.isfinite(loss):
                     last = _latest_checkpoint(checkpoints)
                     raise TrainingStopped(
@@ -485,39 +597,66 @@ def train(config: TrainConfig) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            loss_value = loss.item()
+            step_loss += loss.detach() / config.gradient_accumulation_steps
+        # The step's loss over all its examples, on every process.
+        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
         step += 1
-        rate = (step - bar.initial) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
         learning_rate = lr_scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
         bar.update(1)
-        metrics.write(json.dumps({"step": step, "loss": loss_value, "lr": learning_rate, "steps_per_s": rate}) + "\n")
-        metrics.flush()
-        if step % config.checkpoint_every == 0 and step < max_steps:
+        accelerator.log({"train/loss": loss_value, "train/learning_rate": learning_rate}, step=step)
+        if metrics is not None:
+            line = {"step": step, "loss": loss_value, "lr": learning_rate, "elapsed_s": round(elapsed, 4)}
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+        if step % config.checkpoint_every == 0 and step < max_steps and main_process:
             _save_checkpoint(accelerator, checkpoints, step, config.keep_checkpoints)
+        if config.validation_every and step % config.validation_every == 0 and step < max_steps:
+            log_validation_grid(step)
     bar.close()
-    metrics.close()
+    final_grid = log_validation_grid(max_steps)
     loss_after = fixed_batch_loss()
+    accelerator.end_training()
+    if not main_process:
+        return config.output
+    metrics.close()
     print(f"loss on a fixed batch: {loss_before:.5f} before training, {loss_after:.5f} after")
+    peak_memory = {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
     (work / "summary.json").write_text(
         json.dumps(
             {
                 "fixed_batch_loss_before": loss_before,
                 "fixed_batch_loss_after": loss_after,
                 **(cache.report() if cache else {}),
+                **peak_memory,
                 "trainable_parameters": trainable_count,
                 "total_parameters": total,
                 "steps": max_steps,
+                "processes": processes,
                 "skipped_images": dict(report.counts),
             }
         )
     )
     # Save the LoRA layers
     lora_state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
-    final = publish(config, lora_state, lora_config, loss_value, max_steps, trainable_count, work, report)
+    final = publish(config, lora_state, lora_config, loss_value, max_steps, trainable_count, work, report, final_grid)
     if config.notify:
         _notify_workers(final.name)
     return final
+
+
+def _default_validation_prompts(held_out, training) -> list[str]:
+    """The first caption of held-out images, which the adapter never sees; of training images if too
+    few are held out."""
+    return [record.captions[0] for record in [*held_out, *training][:DEFAULT_VALIDATION_PROMPTS]]
+
+
+def _loggable(value):
+    """TensorBoard's hyperparameters take numbers, booleans and text only."""
+    if value is None or isinstance(value, (Path, list)):
+        return str(value)
+    return value
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -551,6 +690,7 @@ def publish(
     trainable: int,
     work: Path,
     report: SkipReport,
+    validation_grid: Path | None,
 ) -> Path:
     """Write the adapter beside LORA_DIR's entries under a hidden name, then rename it into place: a
     worker reloading meanwhile sees the old adapter or the new one, never half of one."""
@@ -562,6 +702,9 @@ def publish(
     (staging / "training_config.json").write_text(json.dumps(settings, indent=2))
     shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
     shutil.copy(work / "summary.json", staging / "summary.json")
+    shutil.copy(work / HELD_OUT, staging / HELD_OUT)
+    if validation_grid is not None:
+        shutil.copy(validation_grid, staging / VALIDATION_GRID)
     crop = "centre" if config.center_crop else "random"
     card = [
         f"# LoRA adapter `{config.output.name}`",
@@ -579,9 +722,23 @@ def publish(
         "",
         "Files: `adapter_model.safetensors` + `adapter_config.json` (PEFT: `PeftModel.from_pretrained`),",
         "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`), `training_config.json`,",
-        "`metrics.jsonl` (loss and learning rate per step).",
+        "`metrics.jsonl` (loss and learning rate per step), `held_out.json` (captions never trained on).",
+        "",
+        "## Validation",
+        "",
+        "The validation prompts with fixed seeds, base model on top, this adapter below:",
+        "",
+        f"![validation grid]({VALIDATION_GRID})",
+        "",
+        EVALUATION_HEADING,
+        "",
+        f"Not evaluated yet: `python -m trainer eval --adapter {config.output}`.",
     ]
     (staging / "README.md").write_text("\n".join(card) + "\n")
+    # mkdtemp and safetensors create owner-only files; workers often run as another user (in containers).
+    staging.chmod(0o755)
+    for path in staging.iterdir():
+        path.chmod(0o644)
     old = None
     if config.output.exists():
         old = config.output.parent / f".{config.output.name}.old-{int(time.time())}"
