@@ -12,10 +12,13 @@ import yarl
 from bot.app import ImagineBot
 from bot.settings import BotSettings
 from imagine.client import ImagineClient
+from imagine.logs import LOG_FORMAT, tag_job_ids
 
 
 def main() -> int:
-    discord.utils.setup_logging(level=logging.INFO)
+    handler = logging.StreamHandler()
+    tag_job_ids([handler])
+    discord.utils.setup_logging(handler=handler, formatter=logging.Formatter(LOG_FORMAT), level=logging.INFO)
     try:
         settings = BotSettings()
     except pydantic.ValidationError as error:

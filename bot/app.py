@@ -17,6 +17,7 @@ from bot.limits import UserLimits
 from bot.settings import BotSettings
 from imagine.client import ImagineClient
 from imagine.contract import JobRejected
+from imagine.logs import job_context
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,18 @@ class JobButton(
         return cls(match["action"], int(match["owner"]), match["job"], int(index) if index is not None else None)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        try:
-            await interaction.client.jobs.on_button(interaction, self.action, self.owner_id, self.job_id, self.index)
-        except Exception:
-            logger.exception("button %s on job %s failed", self.action, self.job_id)
-            message = "Something went wrong on our side; it has been logged. Try again in a moment."
-            if interaction.response.is_done():
-                await interaction.followup.send(message, ephemeral=True)
-            else:
-                await interaction.response.send_message(message, ephemeral=True)
+        with job_context(self.job_id):
+            try:
+                await interaction.client.jobs.on_button(
+                    interaction, self.action, self.owner_id, self.job_id, self.index
+                )
+            except Exception:
+                logger.exception("button %s on job %s failed", self.action, self.job_id)
+                message = "Something went wrong on our side; it has been logged. Try again in a moment."
+                if interaction.response.is_done():
+                    await interaction.followup.send(message, ephemeral=True)
+                else:
+                    await interaction.response.send_message(message, ephemeral=True)
 
 
 class ImagineBot(commands.Bot):

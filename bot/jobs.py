@@ -20,7 +20,8 @@ from bot import messages
 from bot.deliveries import INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
 from bot.limits import UserLimits
 from imagine.client import ImagineClient
-from imagine.contract import JobRejected, parse_job_options
+from imagine.contract import JobOptions, JobRejected, parse_job_options
+from imagine.logs import job_context
 from imagine.store import TERMINAL_EVENTS, EventCursor
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ class JobRunner:
             interaction_token=interaction.token,
             token_expires_at=interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_S,
         )
+        with job_context(delivery.job_id):
+            await self._enqueue(interaction, checked, delivery)
+
+    async def _enqueue(self, interaction: discord.Interaction, checked: JobOptions, delivery: Delivery) -> None:
         # Remembered before the job exists: a bot that dies right after submitting still delivers it.
         await asyncio.to_thread(self.deliveries.save, delivery)
         try:
@@ -86,7 +91,9 @@ class JobRunner:
 
     def follow(self, delivery: Delivery) -> None:
         if delivery.job_id not in self._followers:
-            task = asyncio.create_task(self._follow(delivery), name=f"follow-{delivery.job_id}")
+            # The task copies the context it is created in: its log lines carry the job id.
+            with job_context(delivery.job_id):
+                task = asyncio.create_task(self._follow(delivery), name=f"follow-{delivery.job_id}")
             self._followers[delivery.job_id] = task
             task.add_done_callback(lambda _: self._followers.pop(delivery.job_id, None))
 

@@ -1,4 +1,4 @@
-"""`imagine-admin`: reload adapters on every worker, list adapters, and look at the queue."""
+"""`imagine-admin`: reload adapters on every worker, list adapters, look at the queue, serve metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 from imagine.client import ImagineClient, ReloadOutcome
 from imagine.settings import ServiceSettings
+from imagine.store import DurationStats
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -46,14 +47,39 @@ def format_adapters(client: ImagineClient) -> str:
     return _table(rows, ["worker", "adapter", "version", "layout", "state"])
 
 
+def _by_label(counts: dict[str, int]) -> str:
+    return ", ".join(f"{label} {count}" for label, count in sorted(counts.items()) if count)
+
+
+def _recent(stats: DurationStats, summary: str) -> str:
+    value = stats.recent_mean if summary == "mean" else stats.recent_median
+    if value is None:
+        return "no job yet"
+    jobs = len(stats.recent)
+    return f"{value:.2f} s ({summary} of the last {jobs} job{'' if jobs == 1 else 's'})"
+
+
 def format_queue(client: ImagineClient) -> str:
+    """The queue, the workers and the counts, as `/queue` and `imagine-admin queue` show them; the same
+    numbers as the Prometheus exporter's (`imagine-admin metrics`)."""
     stats = client.queue_stats()
-    average = f"{stats.recent_render_s:.2f} s" if stats.recent_render_s is not None else "no job finished yet"
+    counters = stats.counters
+    failed_total = sum(counters.failures.values())
+    failed_last_hour = sum(stats.failures_last_hour.values())
+    loads = counters.adapter_loads
     lines = [
         f"queued:          {stats.queued}",
         f"running:         {len(stats.running)}",
         f"workers online:  {len(stats.workers)}",
-        f"recent render:   {average}",
+        f"recent render:   {_recent(stats.render, 'mean')}",
+        f"recent wait:     {_recent(stats.queue_wait, 'median')}",
+        f"jobs done:       {stats.render.count}",
+        f"failed:          {failed_last_hour} in the last hour"
+        + (f" ({_by_label(stats.failures_last_hour)})" if failed_last_hour else "")
+        + f", {failed_total} in all"
+        + (f" ({_by_label(counters.failures)})" if failed_total else ""),
+        f"cancelled:       {counters.cancelled}",
+        f"adapter loads:   {loads['loaded']} loaded, {loads['unchanged']} unchanged, {loads['failed']} failed",
     ]
     for name, status in sorted(stats.workers.items()):
         busy = f"busy with {status['current_job']}" if status.get("current_job") else "idle"
@@ -68,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     reload_parser.add_argument("name", nargs="?", default=None, help="Adapter to reload; all adapters when absent.")
     reload_parser.add_argument("--timeout", type=float, default=30.0, help="Seconds to wait for the workers' answers.")
     commands.add_parser("adapters", help="The adapters each worker has loaded, with their versions.")
-    commands.add_parser("queue", help="Queue depth, running jobs, workers online, recent render time.")
+    commands.add_parser(
+        "queue", help="Queue depth, running jobs, workers, render and wait times, failures, adapter loads."
+    )
+    metrics_parser = commands.add_parser(
+        "metrics", help="Serve the same numbers as `queue` for Prometheus, at http://ADDRESS:PORT/metrics."
+    )
+    metrics_parser.add_argument("--port", type=int, default=9808, help="Port to serve on.")
+    metrics_parser.add_argument("--address", default="0.0.0.0", help="Address to listen on.")
     args = parser.parse_args(argv)
 
     client = ImagineClient(ServiceSettings())
@@ -81,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if refused or not outcome.answers else 0
     if args.command == "adapters":
         print(format_adapters(client))
+    elif args.command == "metrics":
+        try:
+            from imagine.metrics import serve_metrics
+        except ModuleNotFoundError as missing:
+            parser.error(f"the exporter needs {missing.name}: pip install 'imagine-service[monitor]'")
+        print(f"serving metrics on http://{args.address}:{args.port}/metrics", file=sys.stderr, flush=True)
+        serve_metrics(client, args.port, args.address)
     else:
         print(format_queue(client))
     return 0

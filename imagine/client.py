@@ -6,7 +6,6 @@ sends it to the workers, follows its events and fetches its result. It imports n
 
 from __future__ import annotations
 
-import statistics
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.queue import RELOAD_COMMAND, make_celery, send_job
 from imagine.settings import ServiceSettings
-from imagine.store import JobRecord, JobResult, JobStore
+from imagine.store import DurationStats, JobRecord, JobResult, JobStore, ServiceCounters
 
 
 class QueueFull(JobRejected):
@@ -32,11 +31,22 @@ class SubmittedJob:
 
 @dataclass(frozen=True)
 class QueueStats:
+    """Every number the service keeps about its queue and its jobs, read from Redis: what `/queue`,
+    `imagine-admin queue` and the Prometheus exporter show, from whichever machine."""
+
     queued: int
     running: list[str]
     workers: dict[str, dict[str, Any]]
-    recent_render_s: float | None
-    """Mean render time of the last jobs, None before any finished."""
+    render: DurationStats
+    queue_wait: DurationStats
+    """From a job's submission until a worker started it (again, for a job requeued after its worker died)."""
+    counters: ServiceCounters
+    failures_last_hour: dict[str, int]
+
+    @property
+    def recent_render_s(self) -> float | None:
+        """Mean render time of the last jobs, None before any finished."""
+        return self.render.recent_mean
 
     def estimated_wait_s(self, position: int) -> float | None:
         if self.recent_render_s is None:
@@ -110,12 +120,14 @@ class ImagineClient:
         return self.store.workers(alive_within_s=self.settings.worker_dead_after_s)
 
     def queue_stats(self) -> QueueStats:
-        times = self.store.recent_render_times()
         return QueueStats(
             queued=self.store.queue_length(),
             running=self.store.running_jobs(),
             workers=self.workers(),
-            recent_render_s=statistics.fmean(times) if times else None,
+            render=self.store.durations("render"),
+            queue_wait=self.store.durations("queue_wait"),
+            counters=self.store.counters(),
+            failures_last_hour=self.store.recent_failures(),
         )
 
     def reload_adapters(self, adapter: str | None = None, timeout_s: float = 30.0) -> ReloadOutcome:

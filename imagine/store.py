@@ -13,12 +13,17 @@ Keys (under the configured prefix):
   finished:{client}  zset   finished jobs nobody has confirmed delivery of, per front end
   workers            hash   worker name -> its latest status (JSON)
   reloads            stream adapter reload requests; reload:{request id} holds each worker's answer
-  render_times       list   recent render durations, for estimates
+  counters           hash   jobs failed (per reason) and cancelled, adapter loads (per outcome), for ever
+  recent_failures    zset   `reason:job id` of the last hour's failures, by time
+  duration:{name}    hash   a histogram of `render` and `queue_wait` seconds: count, sum, one count per bound
+  recent:{name}      list   the latest of those durations, for medians and estimates
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +31,29 @@ from typing import Any
 import redis
 
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
-RENDER_TIMES_KEPT = 50
+FAILURE_REASONS = ("rejected", "adapter", "out_of_memory", "timeout", "worker_lost", "internal")
+"""Why a job failed: refused options, a missing or refused adapter, out of memory, over JOB_TIME_LIMIT_S,
+its worker died under it MAX_JOB_ATTEMPTS times, anything else. A fixed set, so a metric's label stays small."""
+ADAPTER_LOAD_OUTCOMES = ("loaded", "unchanged", "failed")
+DURATIONS = ("render", "queue_wait")
+DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+"""Upper bounds of the duration histograms: from the tiny model on a CPU to SD at 1024 px behind a long queue."""
+RECENT_DURATIONS_KEPT = 50
+RECENT_FAILURES_S = 3600
+
+# Counts a job's end; the scripts that end a job start with it, so that each job is counted in the same
+# atomic step that ends it: once, however many attempts, redeliveries and cancels race for it.
+_COUNT_END = f"""
+local function count_end(counters, recent_failures, state, reason, now, job_id)
+  if state == 'failed' then
+    redis.call('HINCRBY', counters, 'failed:' .. reason, 1)
+    redis.call('ZADD', recent_failures, now, reason .. ':' .. job_id)
+    redis.call('ZREMRANGEBYSCORE', recent_failures, '-inf', tonumber(now) - {RECENT_FAILURES_S})
+  elseif state == 'cancelled' then
+    redis.call('HINCRBY', counters, 'cancelled', 1)
+  end
+end
+"""
 
 # Claim a queued job for one attempt. A message whose attempt is not the job's current one is a
 # leftover of a redelivery (the broker restores unacked messages late) and is dropped.
@@ -53,6 +80,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[5]
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4], 'reason', ARGV[5])
 redis.call('SREM', KEYS[2], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[6])
+count_end(KEYS[6], KEYS[7], ARGV[2], ARGV[5], ARGV[3], ARGV[6])
 return 1
 """
 
@@ -73,6 +101,7 @@ if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
   redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+  count_end(KEYS[4], KEYS[5], 'cancelled', '', ARGV[1], ARGV[2])
   return 'cancelled'
 end
 if state == 'running' then
@@ -99,6 +128,7 @@ redis.call('SREM', KEYS[2], ARGV[3])
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[4])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  count_end(KEYS[5], KEYS[6], 'cancelled', '', ARGV[4], ARGV[3])
   return -2
 end
 if attempt >= tonumber(ARGV[2]) then
@@ -106,6 +136,7 @@ if attempt >= tonumber(ARGV[2]) then
              'error', 'This job stopped its worker ' .. attempt ..
              ' times (killed or crashed mid-render), so it was not run again. Try a smaller size or fewer images.')
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  count_end(KEYS[5], KEYS[6], 'failed', 'worker_lost', ARGV[4], ARGV[3])
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', attempt + 1)
@@ -129,6 +160,37 @@ class JobRecord:
     worker: str | None = None
     error: str | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DurationStats:
+    """A duration histogram over the service's life, and its latest samples."""
+
+    count: int
+    sum_s: float
+    buckets: list[tuple[float, int]]
+    """(upper bound, how many durations were at most that), for each of DURATION_BUCKETS_S."""
+    recent: list[float]
+    """The latest RECENT_DURATIONS_KEPT durations, newest first."""
+
+    @property
+    def recent_mean(self) -> float | None:
+        return statistics.fmean(self.recent) if self.recent else None
+
+    @property
+    def recent_median(self) -> float | None:
+        return statistics.median(self.recent) if self.recent else None
+
+
+@dataclass(frozen=True)
+class ServiceCounters:
+    """Counts over the service's life (as long as Redis keeps its data)."""
+
+    failures: dict[str, int]
+    """Failed jobs by reason: every one of FAILURE_REASONS, zeros included."""
+    cancelled: int
+    adapter_loads: dict[str, int]
+    """Adapter loads by the workers, at start and on reload requests, by outcome (ADAPTER_LOAD_OUTCOMES)."""
 
 
 @dataclass
@@ -169,9 +231,9 @@ class JobStore:
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._claim = redis_client.register_script(_CLAIM)
-        self._finish = redis_client.register_script(_FINISH)
-        self._cancel = redis_client.register_script(_CANCEL)
-        self._requeue = redis_client.register_script(_REQUEUE)
+        self._finish = redis_client.register_script(_COUNT_END + _FINISH)
+        self._cancel = redis_client.register_script(_COUNT_END + _CANCEL)
+        self._requeue = redis_client.register_script(_COUNT_END + _REQUEUE)
         self._heartbeat = redis_client.register_script(_HEARTBEAT)
 
     @classmethod
@@ -189,6 +251,9 @@ class JobStore:
 
     def _job_keys(self, job_id: str) -> list[str]:
         return [self.key("job", job_id), self.key("job", job_id, "events"), self.key("job", job_id, "result")]
+
+    def _end_counter_keys(self) -> list[str]:
+        return [self.key("counters"), self.key("recent_failures")]
 
     def _touch(self, pipe: redis.client.Pipeline, job_id: str) -> None:
         for key in self._job_keys(job_id):
@@ -296,6 +361,7 @@ class JobStore:
             self.key("finished", client),
             self._staged_result_key(job_id, attempt),
             self.key("job", job_id, "result"),
+            *self._end_counter_keys(),
         ]
         args = [attempt, state, self.now(), error, reason, job_id]
         return bool(self._finish(keys=keys, args=args))
@@ -304,7 +370,7 @@ class JobStore:
         """Cancel a queued job ('cancelled'), ask a running one to stop ('cancelling'), or say its state."""
         record = self.get(job_id)
         client = record.client if record else ""
-        keys = [self.key("job", job_id), self.key("pending"), self.key("finished", client)]
+        keys = [self.key("job", job_id), self.key("pending"), self.key("finished", client), *self._end_counter_keys()]
         outcome = self._cancel(keys=keys, args=[self.now(), job_id]).decode()
         if outcome == "cancelled":
             self.append_event(job_id, {"type": "cancelled", "message": "Cancelled while queued."})
@@ -321,6 +387,7 @@ class JobStore:
             self.key("running"),
             self.key("finished", client),
             self.key("pending"),
+            *self._end_counter_keys(),
         ]
         return int(self._requeue(keys=keys, args=[dead_before, max_attempts, job_id, self.now(), dead_worker]))
 
@@ -409,14 +476,58 @@ class JobStore:
 
     # Workers and statistics -------------------------------------------------------------------
 
-    def record_render_time(self, seconds: float) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.lpush(self.key("render_times"), f"{seconds:.3f}")
-            pipe.ltrim(self.key("render_times"), 0, RENDER_TIMES_KEPT - 1)
+    def record_duration(self, name: str, seconds: float) -> None:
+        """One `render` or `queue_wait` duration: into its histogram (for Prometheus) and its recent samples."""
+        if name not in DURATIONS:
+            raise ValueError(f"unknown duration {name!r}; expected one of {DURATIONS}")
+        histogram = self.key("duration", name)
+        # One transaction, so that a scrape never sees the count without the bounds it counts in.
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(histogram, "count", 1)
+            pipe.hincrbyfloat(histogram, "sum", seconds)
+            for bound in DURATION_BUCKETS_S:
+                if seconds <= bound:
+                    pipe.hincrby(histogram, f"le:{bound}", 1)
+            pipe.lpush(self.key("recent", name), seconds)
+            pipe.ltrim(self.key("recent", name), 0, RECENT_DURATIONS_KEPT - 1)
             pipe.execute()
 
-    def recent_render_times(self) -> list[float]:
-        return [float(value) for value in self.redis.lrange(self.key("render_times"), 0, -1)]
+    def durations(self, name: str) -> DurationStats:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.key("duration", name))
+            pipe.lrange(self.key("recent", name), 0, -1)
+            histogram, recent = pipe.execute()
+        return DurationStats(
+            count=int(histogram.get(b"count", 0)),
+            sum_s=float(histogram.get(b"sum", 0.0)),
+            buckets=[(bound, int(histogram.get(f"le:{bound}".encode(), 0))) for bound in DURATION_BUCKETS_S],
+            recent=[float(value) for value in recent],
+        )
+
+    def record_adapter_load(self, outcome: str) -> None:
+        if outcome not in ADAPTER_LOAD_OUTCOMES:
+            raise ValueError(f"unknown adapter load outcome {outcome!r}; expected one of {ADAPTER_LOAD_OUTCOMES}")
+        self.redis.hincrby(self.key("counters"), f"adapter_loads:{outcome}", 1)
+
+    def counters(self) -> ServiceCounters:
+        raw = {name.decode(): int(value) for name, value in self.redis.hgetall(self.key("counters")).items()}
+
+        def by_label(kind: str, labels: tuple[str, ...]) -> dict[str, int]:
+            counts = dict.fromkeys(labels, 0)
+            # A label outside the known set (a newer worker's) is kept rather than hidden.
+            counts.update({name.split(":", 1)[1]: value for name, value in raw.items() if name.startswith(f"{kind}:")})
+            return counts
+
+        return ServiceCounters(
+            failures=by_label("failed", FAILURE_REASONS),
+            cancelled=raw.get("cancelled", 0),
+            adapter_loads=by_label("adapter_loads", ADAPTER_LOAD_OUTCOMES),
+        )
+
+    def recent_failures(self) -> dict[str, int]:
+        """Failures of the last hour (RECENT_FAILURES_S), by reason."""
+        members = self.redis.zrangebyscore(self.key("recent_failures"), self.now() - RECENT_FAILURES_S, "+inf")
+        return dict(Counter(member.decode().split(":", 1)[0] for member in members))
 
     def publish_worker(self, name: str, status: dict[str, Any]) -> None:
         self.redis.hset(self.key("workers"), name, json.dumps({**status, "heartbeat_at": self.now()}))

@@ -128,7 +128,7 @@ PROMPT = "a dog on a beach, *not* <@&123456789012345678> @everyone"
 
 
 def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
-    settings, fake, _, worker = discord_env
+    settings, fake, bot, worker = discord_env
     interaction_id = fake.send_slash_command(
         ALICE, "imagine", {"prompt": PROMPT, "count": 2, "size": "square", **SMALL}
     )
@@ -148,6 +148,11 @@ def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
     assert message["mention_everyone"] is False and message["mention_roles"] == []
     labels = [component["label"] for row in message["components"] for component in row["components"]]
     assert labels == ["Reroll", "Variations of 1", "Variations of 2", "Delete"]
+    # The bot's log follows the job by its id, as the worker's does.
+    job_id = message["components"][0]["components"][0]["custom_id"].split(":")[3]
+    job_lines = [line for line in bot.log_path.read_text().splitlines() if job_id in line]
+    assert any("submitted" in line for line in job_lines) and any("delivered" in line for line in job_lines)
+    assert all(f"job={job_id}" in line for line in job_lines), job_lines
 
     # The bytes are exactly what the service renders for that seed, from any front end.
     client = ImagineClient(settings)

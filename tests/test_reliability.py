@@ -81,6 +81,7 @@ def test_job_that_keeps_killing_workers_ends_as_failed(redis_server, start_worke
     assert events[-1]["type"] == "failed" and events[-1]["reason"] == "worker_lost"
     assert "stopped its worker 2 times" in events[-1]["message"]
     assert client.job(job.job_id).state == "failed"
+    assert client.queue_stats().counters.failures["worker_lost"] == 1
     # The worker is healthy and serves the next job.
     after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
     assert list(client.events(after.job_id))[-1]["type"] == "done"
@@ -101,6 +102,7 @@ def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(redis_server, 
     assert failed["message"] == (
         f"The worker ran out of memory rendering 1 image(s) of {huge}×{huge}; try fewer images or a smaller size."
     )
+    assert client.queue_stats().counters.failures["out_of_memory"] == 1
     after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
     assert list(client.events(after.job_id))[-1]["type"] == "done"
     assert worker.process.poll() is None
@@ -113,5 +115,6 @@ def test_job_over_the_time_limit_is_stopped(redis_server, start_worker):
     failed = list(client.events(job.job_id))[-1]
     assert failed["type"] == "failed" and failed["reason"] == "timeout"
     assert "took longer than 1 s" in failed["message"]
+    assert client.queue_stats().failures_last_hour == {"timeout": 1}
     quick = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
     assert list(client.events(quick.job_id))[-1]["type"] == "done"

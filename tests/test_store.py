@@ -70,3 +70,40 @@ def test_heartbeat_tells_a_superseded_attempt(store):
     assert store.requeue_if_dead("j", time.time() + 1, max_attempts=3) == 2
     assert not store.heartbeat("j", 1, "w1")  # the janitor of w1 now stops its render
     assert not store.heartbeat("gone", 1, "w1") and not store.redis.exists(store.key("job", "gone"))
+
+
+def test_each_job_end_is_counted_once_with_its_reason(store):
+    for job_id in ("done", "refused", "queued", "lost", "cancelling"):
+        store.create(job_id, {"prompt": "x"}, "cli", "", max_queued=10)
+    for job_id in ("done", "refused", "lost", "cancelling"):
+        assert store.claim(job_id, 1, "w1") == "ok"
+    assert store.finish("done", 1, "done", client="cli")
+    assert store.finish("refused", 1, "failed", error="no such adapter", reason="adapter", client="cli")
+    assert not store.finish("refused", 1, "failed", error="again", reason="adapter", client="cli")
+    assert store.cancel("queued") == "cancelled" and store.cancel("queued") == "cancelled"
+    assert store.requeue_if_dead("lost", time.time() + 1, max_attempts=1) == 0
+    assert store.cancel("cancelling") == "cancelling"
+    assert store.requeue_if_dead("cancelling", time.time() + 1, max_attempts=3) == -2
+
+    counters = store.counters()
+    assert counters.failures == {
+        "rejected": 0,
+        "adapter": 1,
+        "out_of_memory": 0,
+        "timeout": 0,
+        "worker_lost": 1,
+        "internal": 0,
+    }
+    assert counters.cancelled == 2
+    assert store.recent_failures() == {"adapter": 1, "worker_lost": 1}
+
+
+def test_durations_make_a_cumulative_histogram_and_keep_the_latest(store):
+    for seconds in (0.05, 0.3, 7.0):
+        store.record_duration("render", seconds)
+    render = store.durations("render")
+    assert render.count == 3 and render.sum_s == pytest.approx(7.35)
+    buckets = dict(render.buckets)
+    assert (buckets[0.1], buckets[0.5], buckets[5], buckets[10], buckets[1800]) == (1, 2, 2, 3, 3)
+    assert render.recent == [7.0, 0.3, 0.05] and render.recent_median == 0.3
+    assert store.durations("queue_wait").count == 0 and store.durations("queue_wait").recent_median is None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import after_setup_logger, worker_init, worker_ready, worker_shutdown
 from celery.worker.control import control_command
 
+from imagine.logs import LOG_FORMAT, tag_job_ids
 from imagine.queue import RELOAD_COMMAND, make_celery
 from worker.settings import WorkerSettings
 
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 settings = WorkerSettings()
 app = make_celery(settings, main="worker")
 app.conf.include = ["worker.tasks"]
+app.conf.worker_log_format = LOG_FORMAT
 
 _service = None
 
@@ -51,6 +53,19 @@ def _load_service(sender, **_) -> None:
         expected = isinstance(error, (ModelLoadError, WorkerNameTaken))
         logger.critical("worker %s cannot start: %s", sender.hostname, error, exc_info=not expected)
         raise SystemExit(1) from error
+
+
+@after_setup_logger.connect
+def _log_job_ids(logger: logging.Logger, **_) -> None:
+    tag_job_ids(logger.handlers)
+    # diffusers and transformers write through handlers of their own, which would print their warnings
+    # (a truncated prompt, an adapter's unused keys) without the job id; through Celery's they carry it.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
 
 
 @worker_ready.connect

@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 
 from imagine.contract import JobRejected, parse_job_options
+from imagine.logs import job_context
 from imagine.queue import send_job
 from imagine.store import JobResult, JobStore
 from worker.adapters import AdapterError, AdapterRegistry, list_adapters
@@ -125,14 +126,17 @@ class GenerationService:
                 loaded = self.adapters.load(name)
                 answer.update(ok=True, version=loaded.version, layout=loaded.layout)
                 self.adapter_errors.pop(name, None)
+                outcome = "unchanged" if previous is not None and previous.version == loaded.version else "loaded"
             except Exception as error:  # any adapter, however broken, is refused rather than stopping the worker
                 message = str(error) if isinstance(error, AdapterError) else f"{type(error).__name__}: {error}"
                 logger.error("adapter %s refused: %s", name, message, exc_info=not isinstance(error, AdapterError))
                 answer.update(ok=False, error=message, version=previous.version if previous else None)
                 self.adapter_errors[name] = message
+                outcome = "failed"
             answer["previous_version"] = previous.version if previous else None
             answer["seconds"] = round(time.perf_counter() - started, 4)
             answers.append(answer)
+            self.store.record_adapter_load(outcome)
         return answers
 
     def sync_adapters(self) -> None:
@@ -163,24 +167,27 @@ class GenerationService:
     # Jobs ------------------------------------------------------------------------------------
 
     def run_job(self, job_id: str, options: dict[str, Any], attempt: int) -> dict[str, Any]:
-        try:
-            self.sync_adapters()
-        except Exception:  # Redis away for a moment: the job still runs, the reload is applied before the next
-            logger.exception("applying adapter reloads failed")
-        # Set before the claim, so the janitor never takes this job for a dead worker's.
-        self.current_job = (job_id, attempt)
-        try:
-            outcome = self.store.claim(job_id, attempt, self.worker_name)
-            if outcome != "ok":
-                logger.info("job %s attempt %d skipped: %s", job_id, attempt, outcome)
-                return {"job_id": job_id, "state": f"skipped ({outcome})"}
-            return self._run_claimed(job_id, options, attempt)
-        finally:
-            self.current_job = None
+        with job_context(job_id):
+            try:
+                self.sync_adapters()
+            except Exception:  # Redis away for a moment: the job still runs, the reload is applied before the next
+                logger.exception("applying adapter reloads failed")
+            # Set before the claim, so the janitor never takes this job for a dead worker's.
+            self.current_job = (job_id, attempt)
+            try:
+                outcome = self.store.claim(job_id, attempt, self.worker_name)
+                if outcome != "ok":
+                    logger.info("job %s attempt %d skipped: %s", job_id, attempt, outcome)
+                    return {"job_id": job_id, "state": f"skipped ({outcome})"}
+                return self._run_claimed(job_id, options, attempt)
+            finally:
+                self.current_job = None
 
     def _run_claimed(self, job_id: str, raw_options: dict[str, Any], attempt: int) -> dict[str, Any]:
         record = self.store.get(job_id)
         client = record.client
+        queue_wait_s = record.started_at - record.submitted_at
+        self.store.record_duration("queue_wait", queue_wait_s)
         try:
             options = parse_job_options(raw_options, self.settings.limits)
             plan = self.renderer.plan(options)
@@ -262,7 +269,6 @@ class GenerationService:
                 f"{options.width}×{options.height}; try fewer images or a smaller size.",
             )
 
-        queue_wait_s = record.started_at - record.submitted_at
         meta = {
             "job_id": job_id,
             **options.model_dump(exclude={"seed", "adapter"}),
@@ -287,7 +293,7 @@ class GenerationService:
         if not self.store.finish(job_id, attempt, "done", client=client):
             logger.warning("job %s attempt %d finished after it was taken over; result not announced", job_id, attempt)
             return {"job_id": job_id, "state": "superseded"}
-        self.store.record_render_time(output.render_s)
+        self.store.record_duration("render", output.render_s)
         self.jobs_done += 1
         self.store.append_event(
             job_id,
@@ -308,7 +314,7 @@ class GenerationService:
         logger.warning("job %s failed (%s): %s", job_id, reason, message)
         if self.store.finish(job_id, attempt, "failed", error=message, reason=reason, client=client):
             self.store.append_event(job_id, {"type": "failed", "reason": reason, "message": message})
-        return {"job_id": job_id, "state": "failed", "reason": reason}
+        return {"job_id": job_id, "state": "failed", "reason": reason, "message": message}
 
     # Liveness --------------------------------------------------------------------------------
 
@@ -319,28 +325,32 @@ class GenerationService:
         for job_id in self.store.running_jobs():
             if current is not None and job_id == current[0]:
                 continue
-            attempt = self.store.requeue_if_dead(job_id, dead_before, self.settings.max_job_attempts, dead_worker)
-            if attempt == -2:
-                self.store.append_event(job_id, {"type": "cancelled", "message": "Cancelled (its worker stopped)."})
-            if attempt < 0:
-                continue
-            record = self.store.get(job_id)
-            if record is None:
-                continue
-            if attempt == 0:
-                logger.error("job %s failed for good: %s", job_id, record.error)
-                self.store.append_event(job_id, {"type": "failed", "reason": "worker_lost", "message": record.error})
-                continue
-            logger.warning("job %s lost its worker; queued again as attempt %d", job_id, attempt)
-            self.store.append_event(
-                job_id,
-                {
-                    "type": "queued",
-                    "position": self.store.position(job_id),
-                    "message": "Its worker stopped; the job was queued again.",
-                },
-            )
-            send_job(self.app, job_id, record.options, attempt)
+            with job_context(job_id):
+                self._requeue_if_dead(job_id, dead_before, dead_worker)
+
+    def _requeue_if_dead(self, job_id: str, dead_before: float, dead_worker: str) -> None:
+        attempt = self.store.requeue_if_dead(job_id, dead_before, self.settings.max_job_attempts, dead_worker)
+        if attempt == -2:
+            self.store.append_event(job_id, {"type": "cancelled", "message": "Cancelled (its worker stopped)."})
+        if attempt < 0:
+            return
+        record = self.store.get(job_id)
+        if record is None:
+            return
+        if attempt == 0:
+            logger.error("job %s failed for good: %s", job_id, record.error)
+            self.store.append_event(job_id, {"type": "failed", "reason": "worker_lost", "message": record.error})
+            return
+        logger.warning("job %s lost its worker; queued again as attempt %d", job_id, attempt)
+        self.store.append_event(
+            job_id,
+            {
+                "type": "queued",
+                "position": self.store.position(job_id),
+                "message": "Its worker stopped; the job was queued again.",
+            },
+        )
+        send_job(self.app, job_id, record.options, attempt)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""Admin commands: hot-reload adapters on every worker, list adapters, look at the queue."""
+"""Admin commands: hot-reload adapters on every worker, list adapters, look at the queue and its numbers."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ class AdminCog(commands.Cog):
         text = await asyncio.to_thread(format_adapters, self.bot.client)
         await interaction.response.send_message(as_code_block(text), ephemeral=True)
 
-    @app_commands.command(name="queue", description="Queue depth, running jobs, workers online, recent render time.")
+    @app_commands.command(
+        name="queue", description="Queue depth, workers, render and wait times, failures, adapter loads."
+    )
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
     @admins_only()
