@@ -1,7 +1,11 @@
-.PHONY: install test lint format
+.PHONY: install demo test lint format
 
 install:
 	scripts/setup-venv.sh
+
+# `make demo KEEP=1` keeps the service running until Ctrl-C.
+demo: install
+	.venv/bin/python scripts/demo.py $(if $(KEEP),--keep-running)
 
 test:
 	scripts/test.sh

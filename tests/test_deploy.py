@@ -43,13 +43,19 @@ REQUIREMENTS_SCRIPT = REPO / "docker" / "project_requirements.py"
 
 # What an operator puts in .env before the first `docker compose up` (.env.example leaves them empty).
 SECRETS = {"REDIS_PASSWORD": "0123456789abcdef", "FLOWER_BASIC_AUTH": "admin:flower-password"}
-SERVICES = {"redis", "worker", "bot", "flower", "trainer"}
-LONG_RUNNING = {"redis", "worker", "bot", "flower"}
-REDIS_CLIENTS = {"worker", "bot", "flower", "trainer"}
+SERVICES = {"redis", "worker", "bot", "flower", "metrics", "trainer"}
+LONG_RUNNING = {"redis", "worker", "bot", "flower", "metrics"}
+REDIS_CLIENTS = {"worker", "bot", "flower", "metrics", "trainer"}
 GPU_SERVICES = {"worker", "trainer"}
 # The settings class whose environment each service reads. Flower loads the worker's Celery app, but only the
 # queue's settings matter to it.
-SETTINGS = {"worker": WorkerSettings, "bot": BotSettings, "flower": ServiceSettings, "trainer": ServiceSettings}
+SETTINGS = {
+    "worker": WorkerSettings,
+    "bot": BotSettings,
+    "flower": ServiceSettings,
+    "metrics": ServiceSettings,
+    "trainer": ServiceSettings,
+}
 # Variables read by the third-party programs in the images, not by our settings.
 THIRD_PARTY_VARIABLES = {
     "HF_HOME": "huggingface_hub: the hub cache folder",
@@ -396,6 +402,10 @@ def test_the_commands_are_real_entry_points(compose, tmp_path, monkeypatch):
         assert command[0] == "celery"
         run = subprocess.run([BIN / "celery", *command[1:], "--help"], cwd=tmp_path, capture_output=True, text=True)
         assert run.returncode == 0, f"{name}: {run.stderr}"
+    metrics = services["metrics"]["command"]
+    assert metrics[:2] == ["imagine-admin", "metrics"]
+    run = subprocess.run([BIN / metrics[0], *metrics[1:], "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0 and "--port" in run.stdout, run.stderr
 
     import torch
 
@@ -612,6 +622,7 @@ def test_services_use_the_image_made_for_them(compose):
         "trainer": "docker/worker.Dockerfile",
         "bot": "docker/bot.Dockerfile",
         "flower": "docker/bot.Dockerfile",
+        "metrics": "docker/bot.Dockerfile",
     }
 
 

