@@ -103,8 +103,8 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--json", type=Path, help="Also write the figures to this file.")
     args = parser.parse_args()
-    if args.steps < args.warmup + 2:
-        raise SystemExit("--steps must exceed --warmup by at least 2")
+    if args.warmup < 1 or args.steps < args.warmup + 2:
+        raise SystemExit("--warmup must be at least 1, and --steps exceed it by at least 2")
 
     with tempfile.TemporaryDirectory() as folder:
         work, data = Path(folder), Path(folder, "data")

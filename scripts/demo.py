@@ -109,12 +109,15 @@ class Services:
         self.env = env
         self.running: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("w")
-        # A session of its own: Ctrl-C reaches the demo alone, which then stops everything in order.
-        process = subprocess.Popen(
-            command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    def start(self, name: str, command: list[str], **popen) -> subprocess.Popen:
+        """Start `command`, logging to logs/NAME.log unless `popen` redirects its output."""
+        if "stdout" not in popen:
+            popen |= {"stdout": (self.logs / f"{name}.log").open("w"), "stderr": subprocess.STDOUT}
+        try:
+            # A session of its own: Ctrl-C reaches the demo alone, which then stops everything in order.
+            process = subprocess.Popen(command, cwd=REPO, env=self.env, start_new_session=True, **popen)
+        except OSError as error:
+            raise DemoError(f"could not start {name} ({command[0]}): {error}") from error
         self.running.append((name, process))
         return process
 
@@ -130,17 +133,26 @@ class Services:
             time.sleep(0.3)
         raise DemoError(f"{what} did not happen within {timeout_s:.0f} s; see {self.logs / name}.log")
 
-    def stop(self) -> None:
-        for name, process in reversed(self.running):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)  # the worker finishes its job first (a warm shutdown)
+    def stop(self, grace_s: float = 60) -> None:
+        """SIGTERM to every process (the worker finishes its job first: a warm shutdown), then SIGKILL to
+        whatever still runs after `grace_s`. A second Ctrl-C cannot cut this short and leave orphans."""
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for _, process in reversed(self.running):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for name, process in reversed(self.running):
                 try:
-                    process.wait(60)
+                    process.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    print(f"{name} did not stop within 60 s: killing it")
+                    print(f"{name} did not stop within {grace_s:.0f} s: killing it")
                     process.kill()
                     process.wait()
-        self.running.clear()
+            self.running.clear()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def get(url: str, credentials: str | None = None) -> bytes:
@@ -178,9 +190,9 @@ def run(args) -> None:
     if base_model != "tiny" and not on_gpu:
         print(f"no GPU: rendering at {side} px with {steps} steps, which still takes minutes per image on a CPU")
 
-    services = Services(logs, env)
-    try:
-        with tempfile.TemporaryDirectory(prefix="imagine-demo-redis-") as redis_dir:
+    with tempfile.TemporaryDirectory(prefix="imagine-demo-redis-") as redis_dir:
+        services = Services(logs, env)
+        try:
             redis = services.start(
                 "redis",
                 [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", redis_dir, "--save", ""],
@@ -204,10 +216,9 @@ def run(args) -> None:
             started = time.monotonic()
             size = ["--width", str(side), "--height", str(side), "--steps", str(steps)]
             jobs = [
-                subprocess.Popen(
+                services.start(
+                    f"job {seed}",
                     [str(BIN / "imagine"), prompt, "--seed", str(seed), *size, "--out", str(images)],
-                    cwd=REPO,
-                    env=env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
@@ -239,8 +250,8 @@ def run(args) -> None:
                 with contextlib.suppress(KeyboardInterrupt):
                     while True:
                         time.sleep(3600)
-    finally:
-        services.stop()
+        finally:
+            services.stop()
     print("stopped the worker, Flower, the exporter and Redis")
 
 

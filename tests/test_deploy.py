@@ -325,6 +325,9 @@ def test_flower_is_published_behind_basic_auth(compose):
     assert is_flower_envvar("FLOWER_BASIC_AUTH")
     assert environment(flower)["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
     assert "127.0.0.1:5555/healthcheck" in " ".join(flower["healthcheck"]["test"])
+    # Basic auth travels in clear: by default only this box reaches Flower, the exporter and Redis.
+    for name in ("flower", "metrics", "redis"):
+        assert all(port.startswith("127.0.0.1:") for port in compose["services"][name]["ports"]), name
 
 
 def test_adapters_datasets_and_caches_are_mounted_where_the_services_look(compose):
@@ -365,6 +368,9 @@ def test_long_running_services_restart_and_report_their_health(compose):
         if test[1:3] == ["python", "-c"]:
             compile(test[3], f"{name} healthcheck", "exec")
     assert "restart" not in services["trainer"], "a failed training run must not start over by itself"
+    # Python as PID 1 ignores SIGTERM unless it handles it (Celery's worker does): an init forwards it.
+    for name in ("bot", "flower", "metrics"):
+        assert services[name].get("init") is True, name
 
 
 @pytest.mark.integration

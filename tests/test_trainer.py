@@ -185,6 +185,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(flickr, model_cache, tmp_p
     assert all(".lora_A." in key or ".lora_B." in key for key in lora)
     assert sum(tensor.numel() for tensor in lora.values()) == 9984
 
+    # A checkpoint continues only a run of the same shape.
+    other = run_trainer(
+        *common, "--batch-size", "2", "--output", str(resumed), "--resume", "latest", model_cache=model_cache
+    )
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert "belongs to a run of another shape (batch size 1 then, 2 now)" in other.stdout
+
     again = run_trainer(*common, "--output", str(resumed), "--resume", "latest", model_cache=model_cache)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in again.stdout and "checkpoint-" in again.stdout
@@ -197,6 +204,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(flickr, model_cache, tmp_p
     # The resumed run replaced in TensorBoard the steps the killed run logged after its checkpoint.
     logged = tensorboard_events(resumed.parent / ".resumed.training" / "tensorboard").Scalars("train/loss")
     assert [event.step for event in logged] == list(range(1, 41))
+
+    # The same command again finds the run finished; a fresh run into the same output must say what it does.
+    rerun = run_trainer(*common, "--output", str(resumed), "--resume", "latest", model_cache=model_cache)
+    assert rerun.returncode == 0 and "this run finished at step 40" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert load_file(resumed / "adapter_model.safetensors").keys() == second.keys()
+    fresh = run_trainer(*common, "--output", str(resumed), model_cache=model_cache)
+    assert fresh.returncode == 2 and "left checkpoints" in fresh.stdout and "add --resume latest" in fresh.stdout
 
 
 def test_two_processes_train_like_one_process_with_the_whole_batch(flickr, model_cache, tmp_path):
@@ -212,9 +226,8 @@ def test_two_processes_train_like_one_process_with_the_whole_batch(flickr, model
     shared = tmp_path / "shared" / "adapter"
     torchrun = (str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets
-    done = run_trainer(
-        *common, "--batch-size", "1", "--output", str(shared), model_cache=model_cache, launcher=torchrun, env=env
-    )
+    two = [*common, "--batch-size", "1", "--checkpoint-every", "3"]
+    done = run_trainer(*two, "--output", str(shared), model_cache=model_cache, launcher=torchrun, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((shared / "summary.json").read_text())["processes"] == 2
     assert done.stdout.count("published") == 1  # one process writes
@@ -227,6 +240,24 @@ def test_two_processes_train_like_one_process_with_the_whole_batch(flickr, model
     first, second = load_file(single / "adapter_model.safetensors"), load_file(shared / "adapter_model.safetensors")
     for key in first:
         assert torch.allclose(first[key], second[key], atol=1e-5), key
+
+    # Two processes resumed from the two-process run's checkpoint at step 3 end on its weights.
+    checkpoint = shared.parent / ".adapter.training" / "checkpoints" / "checkpoint-3"
+    resumed = tmp_path / "resumed" / "adapter"
+    done = run_trainer(
+        *two,
+        "--output",
+        str(resumed),
+        "--resume",
+        str(checkpoint),
+        model_cache=model_cache,
+        launcher=torchrun,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    third = load_file(resumed / "adapter_model.safetensors")
+    for key in second:
+        assert torch.allclose(second[key], third[key], atol=1e-6), key
 
 
 def test_config_file_and_impossible_combinations_fail_before_loading(flickr, model_cache, tmp_path):

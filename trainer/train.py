@@ -244,6 +244,18 @@ def check_config(config: TrainConfig) -> None:
 
     if not ADAPTER_NAME_PATTERN.match(config.output.name):
         raise ValueError(f"--output must end in an adapter name (letters, digits, '.', '_', '-'), got {config.output}")
+    earlier = _latest_checkpoint(work_folder(config) / CHECKPOINTS)
+    if config.resume is None and earlier is not None:
+        raise ValueError(
+            f"an earlier run into {config.output} left checkpoints ({earlier}): add --resume latest to continue "
+            f"it, or delete {work_folder(config)} to start afresh"
+        )
+
+
+def work_folder(config: TrainConfig) -> Path:
+    """Checkpoints, metrics, validation grids and TensorBoard logs, beside the output under a hidden name
+    (workers ignore entries starting with `.`)."""
+    return config.output.parent / f".{config.output.name}.training"
 
 
 # Randomness as a function of (seed, step) ---------------------------------------------------------
@@ -325,7 +337,7 @@ def train(config: TrainConfig) -> Path:
 
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and newer: faster float32 matmuls
-    work = config.output.parent / f".{config.output.name}.training"
+    work = work_folder(config)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -334,6 +346,20 @@ def train(config: TrainConfig) -> Path:
     )
     main_process = accelerator.is_main_process
     work.mkdir(parents=True, exist_ok=True)
+    # One optimizer step takes batch-size x accumulation examples on each of the processes.
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    run_shape = {
+        "processes": processes,
+        "batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "seed": config.seed,
+    }
+    checkpoints = work / CHECKPOINTS
+    resume_from = None
+    if config.resume:
+        resume_from = _latest_checkpoint(checkpoints) if config.resume == "latest" else Path(config.resume)
+        if resume_from is not None:
+            _check_same_run(resume_from, run_shape)
 
     # Data
     report = SkipReport()
@@ -380,8 +406,6 @@ def train(config: TrainConfig) -> Path:
         f"trainable LoRA parameters: {trainable_count:,} of {total:,} ({100 * trainable_count / total:.4f} %)"
     )
 
-    # One optimizer step takes batch-size x accumulation examples on each of the processes.
-    processes, rank = accelerator.num_processes, accelerator.process_index
     examples_per_step = config.batch_size * config.gradient_accumulation_steps * processes
     max_steps = config.max_steps or config.epochs * math.ceil(len(images) / examples_per_step)
     if config.use_8bit_adam:
@@ -422,17 +446,17 @@ def train(config: TrainConfig) -> Path:
 
     # Resume
     step = 0
-    checkpoints = work / CHECKPOINTS
-    if config.resume:
-        resume_from = _latest_checkpoint(checkpoints) if config.resume == "latest" else Path(config.resume)
-        if resume_from is None:
-            accelerator.print("no checkpoint to resume from: starting at step 0")
-        else:
-            accelerator.load_state(str(resume_from))
-            step = json.loads((resume_from / "progress.json").read_text())["step"]
-            if main_process:
-                _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
-            accelerator.print(f"resumed from {resume_from} at step {step}")
+    if config.resume and resume_from is None:
+        accelerator.print("no checkpoint to resume from: starting at step 0")
+    elif resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        step = json.loads((resume_from / "progress.json").read_text())["step"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+        if step >= max_steps and config.output.is_dir():
+            accelerator.print(f"this run finished at step {step} and published {config.output}: nothing to do")
+            return config.output
+    if main_process:
+        _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
 
     # TensorBoard: a resumed run replaces what the interrupted one logged after its checkpoint.
     hyperparameters = {key: _loggable(value) for key, value in asdict(config).items()}
@@ -544,6 +568,7 @@ def train(config: TrainConfig) -> Path:
         return grid_path
 
     # Train!
+    step_at_start = step
     loss_before = fixed_batch_loss()
     metrics = (work / "metrics.jsonl").open("a") if main_process else None
     bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not main_process)
@@ -584,10 +609,13 @@ def train(config: TrainConfig) -> Path:
                     squared_errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
                     example_losses = squared_errors.mean(dim=(1, 2, 3))
                     loss = (example_losses * weights).mean()
-                if not torch.isfinite(loss):
+                # Every process stops together: one that went on alone would wait forever in the next all-reduce.
+                if not accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all():
                     last = _latest_checkpoint(checkpoints)
+                    value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
+                    accelerator.end_training()
                     raise TrainingStopped(
-                        f"the loss became {loss.item()} at step {step + 1}; training stopped. "
+                        f"the loss became {value} at step {step + 1}; training stopped. "
                         f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
                         "try a lower --learning-rate, or --mixed-precision bf16 instead of fp16"
                     )
@@ -610,26 +638,35 @@ def train(config: TrainConfig) -> Path:
             line = {"step": step, "loss": loss_value, "lr": learning_rate, "elapsed_s": round(elapsed, 4)}
             metrics.write(json.dumps(line) + "\n")
             metrics.flush()
-        if step % config.checkpoint_every == 0 and step < max_steps and main_process:
-            _save_checkpoint(accelerator, checkpoints, step, config.keep_checkpoints)
+        if (step % config.checkpoint_every == 0 or step == max_steps) and main_process:
+            _save_checkpoint(accelerator, checkpoints, step, config.keep_checkpoints, run_shape)
         if config.validation_every and step % config.validation_every == 0 and step < max_steps:
             log_validation_grid(step)
     bar.close()
     final_grid = log_validation_grid(max_steps)
     loss_after = fixed_batch_loss()
-    accelerator.end_training()
+    # Every process's cache traffic and peak GPU memory, not the main process's alone.
+    local = [cache.hits, cache.misses] if cache else [0, 0]
+    local.append(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
+    gathered = accelerator.gather(torch.tensor([local], device=accelerator.device)).cpu()
+    accelerator.end_training()  # also ends the process group: no collective after it
     if not main_process:
         return config.output
     metrics.close()
-    print(f"loss on a fixed batch: {loss_before:.5f} before training, {loss_after:.5f} after")
-    peak_memory = {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
+    start = "before training" if resume_from is None else f"at step {step_at_start}, where this run resumed"
+    print(f"loss on a fixed batch: {loss_before:.5f} {start}, {loss_after:.5f} after")
+    totals = {}
+    if cache:
+        totals = cache.report() | {"cache_hits": int(gathered[:, 0].sum()), "cache_misses": int(gathered[:, 1].sum())}
+    if torch.cuda.is_available():
+        totals["peak_gpu_memory_bytes"] = int(gathered[:, 2].max())
     (work / "summary.json").write_text(
         json.dumps(
             {
                 "fixed_batch_loss_before": loss_before,
                 "fixed_batch_loss_after": loss_after,
-                **(cache.report() if cache else {}),
-                **peak_memory,
+                "fixed_batch_loss_before_at_step": step_at_start,
+                **totals,
                 "trainable_parameters": trainable_count,
                 "total_parameters": total,
                 "steps": max_steps,
@@ -670,12 +707,28 @@ def _latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int) -> None:
+def _check_same_run(checkpoint: Path, run_shape: dict) -> None:
+    """A checkpoint continues only the run that made it: with other processes, batch or seed, the data
+    position and the learning-rate schedule would silently shift."""
+    saved = json.loads((checkpoint / "progress.json").read_text())
+    differences = [
+        f"{key.replace('_', ' ')} {saved[key]} then, {value} now"
+        for key, value in run_shape.items()
+        if key in saved and saved[key] != value
+    ]
+    if differences:
+        raise ValueError(
+            f"{checkpoint} belongs to a run of another shape ({'; '.join(differences)}): resume it with the same "
+            "number of processes, --batch-size, --gradient-accumulation-steps and --seed, or start afresh"
+        )
+
+
+def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, run_shape: dict) -> None:
     """Written under a temporary name and renamed: a checkpoint on disk is always whole."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=checkpoints))
     accelerator.save_state(str(staging))
-    (staging / "progress.json").write_text(json.dumps({"step": step}))
+    (staging / "progress.json").write_text(json.dumps({"step": step} | run_shape))
     staging.rename(checkpoints / f"checkpoint-{step}")
     for old in sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old)

@@ -11,9 +11,11 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import redis
 from celery import Celery
 
 from imagine.contract import JobRejected, parse_job_options
@@ -136,7 +138,7 @@ class GenerationService:
             answer["previous_version"] = previous.version if previous else None
             answer["seconds"] = round(time.perf_counter() - started, 4)
             answers.append(answer)
-            self.store.record_adapter_load(outcome)
+            self._record_metric(self.store.record_adapter_load, outcome)
         return answers
 
     def sync_adapters(self) -> None:
@@ -187,7 +189,7 @@ class GenerationService:
         record = self.store.get(job_id)
         client = record.client
         queue_wait_s = record.started_at - record.submitted_at
-        self.store.record_duration("queue_wait", queue_wait_s)
+        self._record_metric(self.store.record_duration, "queue_wait", queue_wait_s)
         try:
             options = parse_job_options(raw_options, self.settings.limits)
             plan = self.renderer.plan(options)
@@ -241,6 +243,10 @@ class GenerationService:
         try:
             output = self.renderer.render(options, plan, on_step)
         except JobInterrupted as interrupted:
+            if interrupted.reason == "superseded":
+                # Not a failure: another attempt holds the job now and reports its outcome.
+                logger.warning("job %s attempt %d stopped: %s", job_id, attempt, interrupted)
+                return {"job_id": job_id, "state": "superseded"}
             if interrupted.reason == "cancelled":
                 if self.store.finish(job_id, attempt, "cancelled", client=client):
                     self.store.append_event(job_id, {"type": "cancelled", "message": str(interrupted)})
@@ -293,7 +299,7 @@ class GenerationService:
         if not self.store.finish(job_id, attempt, "done", client=client):
             logger.warning("job %s attempt %d finished after it was taken over; result not announced", job_id, attempt)
             return {"job_id": job_id, "state": "superseded"}
-        self.store.record_duration("render", output.render_s)
+        self._record_metric(self.store.record_duration, "render", output.render_s)
         self.jobs_done += 1
         self.store.append_event(
             job_id,
@@ -309,6 +315,15 @@ class GenerationService:
         )
         logger.info("job %s done in %.2f s on %s", job_id, output.render_s, self.worker_name)
         return {"job_id": job_id, "state": "done", "render_s": meta["render_s"]}
+
+    @staticmethod
+    def _record_metric(record: Callable[..., None], *values: Any) -> None:
+        """A metric matters less than the job or the reload it describes: a Redis error while recording
+        one is logged, and the job or the reload goes on."""
+        try:
+            record(*values)
+        except redis.RedisError as error:
+            logger.warning("metric %s%s not recorded: %s", record.__name__, values, error)
 
     def _fail(self, job_id: str, attempt: int, client: str, reason: str, message: str) -> dict[str, Any]:
         logger.warning("job %s failed (%s): %s", job_id, reason, message)
