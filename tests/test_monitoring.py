@@ -263,3 +263,5 @@ def test_every_worker_line_about_a_job_carries_its_id(monitored):
     done_lines = [line for line in lines if f"job={monitored.done_job}" in line]
     assert any("truncated" in line for line in done_lines), "diffusers' warning about the long prompt"
     assert any(f"job {monitored.done_job} done in" in line for line in done_lines)
+    # The start-up lines, logged before Celery would set its logging up, are there too, formatted.
+    assert any(" INFO worker.pipeline: loaded base model tiny on cpu" in line for line in lines)

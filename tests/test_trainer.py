@@ -424,3 +424,22 @@ def test_eval_refuses_what_it_cannot_use_with_a_clear_message(trained, tiny_clip
     assert offline.returncode == 2, offline.stdout + offline.stderr
     assert "could not load the CLIP model 'no-org/no-clip'" in offline.stdout
     assert "--clip-model" in offline.stdout  # says how to point at a local copy
+
+
+def test_publishing_replaces_the_old_adapter_in_one_step(tmp_path):
+    from trainer.train import replace_folder
+
+    published, staging = tmp_path / "loradir" / "flickr30k", tmp_path / "loradir" / ".flickr30k.staging"
+    published.mkdir(parents=True)
+    (published / "adapter_model.safetensors").write_text("old")
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_text("new")
+    (staging / "README.md").write_text("card")
+    replace_folder(staging, published)
+    assert (published / "adapter_model.safetensors").read_text() == "new" and (published / "README.md").is_file()
+    assert [path.name for path in published.parent.iterdir()] == ["flickr30k"]  # the old version is gone
+
+    fresh = tmp_path / "loradir" / ".other.staging"
+    fresh.mkdir()
+    replace_folder(fresh, tmp_path / "loradir" / "other")  # nothing to replace: a plain rename
+    assert sorted(path.name for path in published.parent.iterdir()) == ["flickr30k", "other"]

@@ -11,11 +11,14 @@ exactly the draws the uninterrupted run would have made, and ends on the same we
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -792,15 +795,43 @@ def publish(
     staging.chmod(0o755)
     for path in staging.iterdir():
         path.chmod(0o644)
-    old = None
-    if config.output.exists():
-        old = config.output.parent / f".{config.output.name}.old-{int(time.time())}"
-        config.output.rename(old)
-    staging.rename(config.output)
-    if old is not None:
-        shutil.rmtree(old)
+    replace_folder(staging, config.output)
     print(f"published {config.output}")
     return config.output
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, whose old version (if any) is deleted.
+
+    On Linux the two are exchanged in one step (renameat2 with RENAME_EXCHANGE), so a worker reloading
+    at that instant finds the old version or the new one. Where the kernel or the filesystem cannot,
+    two renames leave `target` missing for microseconds; a reload in them is refused as "not found" and
+    the previous version keeps serving.
+    """
+    if target.exists() and _exchange(new, target):
+        shutil.rmtree(new)  # now the old version
+        return
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{int(time.time())}"
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically; False where this system has no way to."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_current_directory, rename_exchange = -100, 2  # AT_FDCWD and RENAME_EXCHANGE from <fcntl.h>, <stdio.h>
+    if renameat2(at_current_directory, os.fsencode(first), at_current_directory, os.fsencode(second), rename_exchange):
+        error = ctypes.get_errno()
+        if error in (errno.ENOSYS, errno.EINVAL):  # an old kernel, or a filesystem without exchange
+            return False
+        raise OSError(error, os.strerror(error), str(first), None, str(second))
+    return True
 
 
 def _notify_workers(name: str) -> None:

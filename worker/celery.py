@@ -42,6 +42,9 @@ def _load_service(sender, **_) -> None:
             "this worker must run with --pool solo (got %s): one process holds the model and the GPU", pool
         )
         raise SystemExit(1)
+    # Celery sets its logging up only after worker_init: without this, the start-up lines (the model, its
+    # device, the adapters loaded) would be lost. Setting it up again later is a no-op.
+    sender.setup_logging()
     from worker.pipeline import ModelLoadError
     from worker.service import GenerationService, WorkerNameTaken
 
