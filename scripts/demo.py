@@ -97,8 +97,12 @@ def choose_model(lora_dir: Path) -> tuple[str, str, str]:
     if base_model == SD_V1_4 and not os.environ.get("BASE_MODEL"):
         note += " (the hub is reachable; the first run downloads about 5 GB into the Hugging Face cache)"
     if (lora_dir / "flickr30k").is_dir():
-        return base_model, "flickr30k", note + ", with the Flickr30k adapter from loradir/flickr30k"
-    return base_model, "", note + ", base model alone (no loradir/flickr30k yet: `python -m trainer train` makes it)"
+        return base_model, "flickr30k", note + f", with the Flickr30k adapter from {lora_dir / 'flickr30k'}"
+    return (
+        base_model,
+        "",
+        note + f", base model alone (no {lora_dir / 'flickr30k'} yet: `python -m trainer train` makes it)",
+    )
 
 
 class Services:
@@ -164,7 +168,7 @@ def get(url: str, credentials: str | None = None) -> bytes:
 
 
 def run(args) -> None:
-    lora_dir = REPO / "loradir"
+    lora_dir = Path(os.environ.get("LORA_DIR", REPO / "loradir")).resolve()
     output = args.output.resolve()
     images, logs = output / "images", output / "logs"
     images.mkdir(parents=True, exist_ok=True)

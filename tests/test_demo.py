@@ -3,6 +3,7 @@ and the exporter, then everything stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -11,14 +12,14 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, png_size
+from tests.helpers import REPO, png_size, write_adapter
 
 pytestmark = pytest.mark.slow
 
 
-def run_demo(tmp_path, model_cache, *args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key not in ("BASE_MODEL", "REDIS_URL")}
-    env |= {"HF_HUB_OFFLINE": "1", "MODEL_CACHE_DIR": str(model_cache)}
+def run_demo(tmp_path, model_cache, *args: str, **settings: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in ("BASE_MODEL", "REDIS_URL", "LORA_DIR")}
+    env |= {"HF_HUB_OFFLINE": "1", "MODEL_CACHE_DIR": str(model_cache)} | settings
     command = [sys.executable, "scripts/demo.py", "--output", str(tmp_path / "demo"), *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -58,3 +59,19 @@ def test_the_demo_renders_through_the_queue_and_stops_everything(tmp_path, model
     assert_stopped(redis_port, flower_port, metrics_port)
     worker_log = (tmp_path / "demo" / "logs" / "worker.log").read_text()
     assert "job=" in worker_log and "Warm shutdown" in worker_log  # it finished cleanly, not killed
+
+
+def test_the_demo_serves_a_given_base_model_with_the_flickr30k_adapter(tmp_path, model_cache, adapter_weights):
+    """BASE_MODEL set (here the tiny model's folder, standing in for a local copy of SD v1-4) and an
+    adapter in LORA_DIR/flickr30k: the demo serves both, and every job used the adapter."""
+    from worker.pipeline import ensure_built_in_model
+
+    lora_dir = tmp_path / "loradir"
+    write_adapter(lora_dir / "flickr30k", "peft", adapter_weights["v1"])
+    base_model = ensure_built_in_model("tiny", model_cache)
+    done = run_demo(tmp_path, model_cache, BASE_MODEL=str(base_model), LORA_DIR=str(lora_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"model: {base_model}, with the Flickr30k adapter from {lora_dir / 'flickr30k'}" in done.stdout
+    assert "NOISE" not in done.stdout
+    results = [json.loads(path.read_text()) for path in (tmp_path / "demo" / "images").glob("*.json")]
+    assert len(results) == 3 and all(result["adapter"] == "flickr30k" for result in results)
