@@ -616,7 +616,8 @@ def train(config: TrainConfig) -> Path:
                 if not accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all():
                     last = _latest_checkpoint(checkpoints)
                     value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
-                    accelerator.end_training()
+                    for tracker in accelerator.trackers:
+                        tracker.finish()  # what TensorBoard logged up to here stays readable
                     raise TrainingStopped(
                         f"the loss became {value} at step {step + 1}; training stopped. "
                         f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
@@ -652,7 +653,13 @@ def train(config: TrainConfig) -> Path:
     local = [cache.hits, cache.misses] if cache else [0, 0]
     local.append(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
     gathered = accelerator.gather(torch.tensor([local], device=accelerator.device)).cpu()
-    accelerator.end_training()  # also ends the process group: no collective after it
+    # end_training also destroys the process group, which DDP's reducer in the wrapped model holds: a
+    # reducer freed after its group can deadlock (seen with gloo), so every reference to the wrapped
+    # model goes first, ours and accelerate's.
+    unet = accelerator.unwrap_model(unet)
+    accelerator.free_memory()
+    accelerator.end_training()
+    lora_state = get_peft_model_state_dict(unet)
     if not main_process:
         return config.output
     metrics.close()
@@ -678,8 +685,6 @@ def train(config: TrainConfig) -> Path:
             }
         )
     )
-    # Save the LoRA layers
-    lora_state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
     final = publish(config, lora_state, lora_config, loss_value, max_steps, trainable_count, work, report, final_grid)
     if config.notify:
         _notify_workers(final.name)
