@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,8 @@ class EvaluationError(ValueError):
 @dataclass
 class EvalConfig:
     adapter: Path
-    base_model: str | None = None
-    model_cache_dir: Path | None = None
+    base_model: str
+    model_cache_dir: Path
     clip_model: str = DEFAULT_CLIP_MODEL
     captions_file: Path | None = None
     prompts: int = 32
@@ -49,7 +49,6 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     output: Path | None = None
-    training: dict = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
@@ -83,19 +82,23 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--output", type=Path, help="Where the report and grid go (default: ADAPTER/eval).")
     args = parser.parse_args(argv)
 
+    from worker.settings import WorkerSettings
+
+    worker_settings = WorkerSettings()  # LORA_DIR and MODEL_CACHE_DIR as the workers read them
     adapter = Path(args.adapter).expanduser()
     if not adapter.is_dir():
-        from worker.settings import WorkerSettings
-
-        adapter = WorkerSettings().lora_dir / args.adapter
+        adapter = worker_settings.lora_dir / args.adapter
     if not adapter.is_dir():
         raise EvaluationError(f"--adapter {args.adapter}: no such folder, nor an adapter of that name in LORA_DIR")
     training_file = adapter / "training_config.json"
     training = json.loads(training_file.read_text()) if training_file.is_file() else {}
+    base_model = args.base_model or training.get("base_model")
+    if base_model is None:
+        raise EvaluationError(f"{adapter} has no training_config.json: give --base-model")
     config = EvalConfig(
         adapter=adapter,
-        base_model=args.base_model or training.get("base_model"),
-        model_cache_dir=args.model_cache_dir or (Path(training["model_cache_dir"]) if training else None),
+        base_model=base_model,
+        model_cache_dir=args.model_cache_dir or Path(training.get("model_cache_dir", worker_settings.model_cache_dir)),
         clip_model=args.clip_model,
         captions_file=args.captions_file,
         prompts=args.prompts,
@@ -108,10 +111,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         device=args.device,
         dtype=args.dtype,
         output=args.output or adapter / "eval",
-        training=training,
     )
-    if config.base_model is None:
-        raise EvaluationError(f"{adapter} has no training_config.json: give --base-model")
     if config.prompts < 2:
         raise EvaluationError("--prompts must be at least 2: a confidence interval needs several captions")
     if not 0 < config.confidence < 1:
@@ -194,8 +194,7 @@ def evaluate(config: EvalConfig) -> dict:
     chosen = load_captions(config)
     captions = [entry["caption"] for entry in chosen]
     placement = choose_placement(config.device, config.dtype)
-    cache_dir = config.model_cache_dir or Path("~/.cache/imagine").expanduser()
-    pipe = load_pipeline(config.base_model, placement, cache_dir, safety_checker=False)
+    pipe = load_pipeline(config.base_model, placement, config.model_cache_dir, safety_checker=False)
     registry = AdapterRegistry(pipe, config.adapter.parent)
     loaded = registry.load(config.adapter.name)
     print(f"rendering {len(captions)} held-out captions on {config.base_model}, without and with {loaded.name}")
@@ -205,8 +204,9 @@ def evaluate(config: EvalConfig) -> dict:
     adapter_images = render_prompts(pipe, captions, config.seed, config.steps, config.resolution)
     del pipe, registry  # the CLIP model needs the memory next
 
-    base = clip_scores(config.clip_model, base_images, captions, placement.device)
-    adapted = clip_scores(config.clip_model, adapter_images, captions, placement.device)
+    # One pass, so the CLIP model is loaded once.
+    scores = clip_scores(config.clip_model, base_images + adapter_images, captions * 2, placement.device)
+    base, adapted = scores[: len(captions)], scores[len(captions) :]
     differences = adapted - base
     low, high = bootstrap_interval(differences, config.confidence, config.seed)
     report = {

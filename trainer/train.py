@@ -710,8 +710,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def _checkpoints_oldest_first(checkpoints: Path) -> list[Path]:
+    return sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+
+
 def _latest_checkpoint(checkpoints: Path) -> Path | None:
-    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    found = _checkpoints_oldest_first(checkpoints)
     return found[-1] if found else None
 
 
@@ -738,7 +742,7 @@ def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, run_s
     accelerator.save_state(str(staging))
     (staging / "progress.json").write_text(json.dumps({"step": step} | run_shape))
     staging.rename(checkpoints / f"checkpoint-{step}")
-    for old in sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))[:-keep]:
+    for old in _checkpoints_oldest_first(checkpoints)[:-keep]:
         shutil.rmtree(old)
 
 
@@ -753,8 +757,8 @@ def publish(
     report: SkipReport,
     validation_grid: Path | None,
 ) -> Path:
-    """Write the adapter beside LORA_DIR's entries under a hidden name, then rename it into place: a
-    worker reloading meanwhile sees the old adapter or the new one, never half of one."""
+    """Write the adapter beside LORA_DIR's entries under a hidden name, then swap it into place
+    (`replace_folder`): a worker reloading meanwhile sees the old adapter or the new one, never half of one."""
     from worker.adapters import save_adapter
 
     staging = Path(tempfile.mkdtemp(prefix=f".{config.output.name}.", dir=config.output.parent))
