@@ -88,6 +88,9 @@ class GenerationService:
         self._reload_cursor = store.latest_reload_request()
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
+        # Both the job thread and the janitor publish this worker's status: taking the snapshot and writing
+        # it under one lock means the last status written is always the newest one.
+        self._status_lock = threading.Lock()
 
     @classmethod
     def start(cls, settings: WorkerSettings, worker_name: str, app: Celery) -> GenerationService:
@@ -157,6 +160,8 @@ class GenerationService:
         answers = {
             answer["adapter"]: answer for answer in self.reload(sorted(named | everything if wants_all else named))
         }
+        # Before answering: whoever waits on the answers then reads the new versions in `imagine-admin adapters`.
+        self._publish_status_quietly()
         for request_id, request in requests:
             name = request["adapter"]
             mine = (
@@ -181,9 +186,17 @@ class GenerationService:
                 if outcome != "ok":
                     logger.info("job %s attempt %d skipped: %s", job_id, attempt, outcome)
                     return {"job_id": job_id, "state": f"skipped ({outcome})"}
+                self._publish_status_quietly()
                 return self._run_claimed(job_id, options, attempt)
             finally:
-                self.current_job = None
+                if self.current_job is not None:
+                    self._release_job()
+
+    def _release_job(self) -> None:
+        """This worker is idle again: say so before announcing the job's outcome, so whoever reacts to the
+        outcome (`imagine-admin queue`, the bot's /queue) sees the worker idle, not a heartbeat later."""
+        self.current_job = None
+        self._publish_status_quietly()
 
     def _run_claimed(self, job_id: str, raw_options: dict[str, Any], attempt: int) -> dict[str, Any]:
         record = self.store.get(job_id)
@@ -249,6 +262,7 @@ class GenerationService:
                 return {"job_id": job_id, "state": "superseded"}
             if interrupted.reason == "cancelled":
                 if self.store.finish(job_id, attempt, "cancelled", client=client):
+                    self._release_job()
                     self.store.append_event(job_id, {"type": "cancelled", "message": str(interrupted)})
                 return {"job_id": job_id, "state": "cancelled"}
             return self._fail(job_id, attempt, client, interrupted.reason, str(interrupted))
@@ -301,6 +315,7 @@ class GenerationService:
             return {"job_id": job_id, "state": "superseded"}
         self._record_metric(self.store.record_duration, "render", output.render_s)
         self.jobs_done += 1
+        self._release_job()
         self.store.append_event(
             job_id,
             {
@@ -328,6 +343,7 @@ class GenerationService:
     def _fail(self, job_id: str, attempt: int, client: str, reason: str, message: str) -> dict[str, Any]:
         logger.warning("job %s failed (%s): %s", job_id, reason, message)
         if self.store.finish(job_id, attempt, "failed", error=message, reason=reason, client=client):
+            self._release_job()
             self.store.append_event(job_id, {"type": "failed", "reason": reason, "message": message})
         return {"job_id": job_id, "state": "failed", "reason": reason, "message": message}
 
@@ -378,6 +394,17 @@ class GenerationService:
             "jobs_done": self.jobs_done,
         }
 
+    def publish_status(self) -> None:
+        with self._status_lock:
+            self.store.publish_worker(self.worker_name, self.status())
+
+    def _publish_status_quietly(self) -> None:
+        """Between heartbeats, a status is a courtesy: a Redis error is logged and the next beat retries."""
+        try:
+            self.publish_status()
+        except redis.RedisError as error:
+            logger.warning("worker status not published: %s", error)
+
     def start_janitor(self) -> None:
         """Heartbeats for this worker and its current job, and requeueing of dead workers' jobs."""
 
@@ -385,7 +412,7 @@ class GenerationService:
             last_prune = time.monotonic()
             while not self._stop.wait(self.settings.worker_heartbeat_s):
                 try:
-                    self.store.publish_worker(self.worker_name, self.status())
+                    self.publish_status()
                     current = self.current_job  # read once: the job thread changes it
                     if current is not None and not self.store.heartbeat(*current, self.worker_name):
                         self._superseded = current
@@ -396,7 +423,7 @@ class GenerationService:
                 except Exception:  # Redis away for a moment: try again next beat rather than die.
                     logger.exception("janitor beat failed")
 
-        self.store.publish_worker(self.worker_name, self.status())
+        self.publish_status()
         self._janitor = threading.Thread(target=loop, name="imagine-janitor", daemon=True)
         self._janitor.start()
 
