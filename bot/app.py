@@ -15,7 +15,7 @@ from bot.deliveries import DeliveryStore
 from bot.jobs import JobRunner
 from bot.limits import UserLimits
 from bot.settings import BotSettings
-from imagine.client import ImagineClient
+from imagine.client import REDIS_UNREACHABLE, ImagineClient
 from imagine.contract import JobRejected
 from imagine.logs import job_context
 
@@ -121,6 +121,11 @@ class ImagineBot(commands.Bot):
         cause = getattr(error, "original", error)
         if isinstance(cause, JobRejected):
             message = f"⚠️ {cause}"
+        elif isinstance(cause, REDIS_UNREACHABLE):
+            logger.warning(
+                "command %s: Redis is not answering (%s)", interaction.command and interaction.command.name, cause
+            )
+            message = "⏳ The image service is not answering right now; try again in a minute."
         elif isinstance(error, app_commands.CheckFailure):
             message = f"⛔ {error}"
         else:

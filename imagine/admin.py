@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from imagine.client import ImagineClient, ReloadOutcome
+from imagine.client import EXIT_UNREACHABLE, REDIS_UNREACHABLE, ImagineClient, ReloadOutcome, unreachable_message
 from imagine.settings import ServiceSettings
 from imagine.store import DurationStats
 
@@ -104,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics_parser.add_argument("--address", default="0.0.0.0", help="Address to listen on.")
     args = parser.parse_args(argv)
 
-    client = ImagineClient(ServiceSettings())
+    settings = ServiceSettings()
+    try:
+        return run_command(args, ImagineClient(settings), parser)
+    except REDIS_UNREACHABLE as error:
+        print(f"imagine-admin: {unreachable_message(settings, error)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+def run_command(args: argparse.Namespace, client: ImagineClient, parser: argparse.ArgumentParser) -> int:
     if args.command == "reload-adapter":
         started = time.monotonic()
         outcome = client.reload_adapters(args.name, timeout_s=args.timeout)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from imagine.client import ImagineClient
+from imagine.client import EXIT_UNREACHABLE, REDIS_UNREACHABLE, ImagineClient, unreachable_message
 from imagine.contract import NO_ADAPTER, SCHEDULERS, JobRejected
 from imagine.settings import ServiceSettings
 
@@ -50,6 +50,14 @@ def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     settings = ServiceSettings()
     args = build_parser(settings).parse_args(argv)
+    try:
+        return render(settings, args)
+    except REDIS_UNREACHABLE as error:
+        print(f"imagine: {unreachable_message(settings, error)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
     options = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -96,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nimagine: {client.cancel(job.job_id)} job {job.job_id}", file=sys.stderr)
         return EXIT_CANCELLED
+    except LookupError as error:  # Redis restarted without its data, or the job outlived RESULT_TTL_S
+        print(f"imagine: {error}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if bar is not None:
             bar.close()

@@ -12,10 +12,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.queue import RELOAD_COMMAND, make_celery, send_job
 from imagine.settings import ServiceSettings
 from imagine.store import DurationStats, JobRecord, JobResult, JobStore, ServiceCounters
+
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+EXIT_UNREACHABLE = 4
+"""Exit status of `imagine` and `imagine-admin` when they cannot reach Redis."""
+
+
+def unreachable_message(settings: ServiceSettings, error: Exception) -> str:
+    """What to tell a person whose command found no Redis to talk to."""
+    return (
+        f"cannot reach Redis at {settings.redis_url_to_show} ({error}). "
+        "Is it running? Start `redis-server`, or set REDIS_URL to the service's Redis."
+    )
 
 
 class QueueFull(JobRejected):
@@ -55,10 +69,10 @@ class QueueStats:
 
 
 class ImagineClient:
-    def __init__(self, settings: ServiceSettings, client_name: str = "cli") -> None:
+    def __init__(self, settings: ServiceSettings, client_name: str = "cli", quick_retries: int | None = None) -> None:
         self.settings = settings
         self.client_name = client_name
-        self.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
+        self.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s, quick_retries)
         self.app = make_celery(settings)
 
     @staticmethod

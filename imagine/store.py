@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
 FAILURE_REASONS = ("rejected", "adapter", "out_of_memory", "timeout", "worker_lost", "internal")
@@ -61,6 +64,9 @@ _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 'stale' end
+if state == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then
+  return 'ok'  -- this worker's own claim, sent again after Redis restarted before answering it
+end
 if state ~= 'queued' then return state end
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3], 'heartbeat_at', ARGV[3])
 redis.call('ZREM', KEYS[2], ARGV[4])
@@ -72,6 +78,9 @@ return 'ok'
 # result this attempt staged becomes the job's result only here, so a superseded attempt that ran on
 # (a worker cut off from Redis for a while) can never replace the result of the attempt that won.
 _FINISH = """
+if redis.call('HGET', KEYS[1], 'state') == ARGV[2] and redis.call('HGET', KEYS[1], 'attempt') == ARGV[1] then
+  return 1  -- this attempt's own finish, sent again after Redis restarted before answering it
+end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then
   redis.call('DEL', KEYS[4])
   return 0
@@ -237,9 +246,15 @@ class JobStore:
         self._heartbeat = redis_client.register_script(_HEARTBEAT)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, ttl_s: int) -> JobStore:
+    def from_url(cls, url: str, prefix: str, ttl_s: int, quick_retries: int | None = None) -> JobStore:
+        """A store on the Redis at `url`. Each command is retried through a short outage (redis-py's
+        default: 10 tries over a few seconds); `quick_retries` gives up sooner, after that many tries
+        within about half a second, for a front end that owes someone an answer (Discord's 3 s)."""
+        options: dict[str, Any] = {}
+        if quick_retries is not None:
+            options["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.25), quick_retries)
         # A timeout, so that a half-open connection fails a call instead of hanging a worker or the bot.
-        return cls(redis.Redis.from_url(url, health_check_interval=30, socket_timeout=30), prefix, ttl_s)
+        return cls(redis.Redis.from_url(url, health_check_interval=30, socket_timeout=30, **options), prefix, ttl_s)
 
     def now(self) -> float:
         """Redis's clock: workers, bots and CLIs on several machines compare times, so they share one clock."""
@@ -427,11 +442,24 @@ class JobStore:
             raise LookupError(f"job {job_id} is unknown or has expired")
         return []
 
-    def follow(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
-        """Yield the job's events in order until a terminal one (see `poll_events`)."""
+    def follow(self, job_id: str, poll_s: float = 1.0, outage_s: float = 120.0) -> Iterator[dict[str, Any]]:
+        """Yield the job's events in order until a terminal one (see `poll_events`).
+
+        Rides out a Redis restart of up to `outage_s`: the cursor keeps its place in the job's event
+        stream, which a persistent Redis brings back, so no event is missed or repeated."""
         cursor = EventCursor()
+        unreachable_since: float | None = None
         while True:
-            for event in self.poll_events(job_id, cursor, block_ms=int(poll_s * 1000)):
+            try:
+                events = self.poll_events(job_id, cursor, block_ms=int(poll_s * 1000))
+            except (redis.ConnectionError, redis.TimeoutError):
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > outage_s:
+                    raise
+                time.sleep(poll_s)
+                continue
+            unreachable_since = None
+            for event in events:
                 yield event
                 if event["type"] in TERMINAL_EVENTS:
                     return

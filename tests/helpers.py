@@ -41,9 +41,12 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
 class RedisServer:
     """A redis-server of the tests' own on a free port, which a test may stop and start again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        # What production runs (compose turns AOF on): every write on disk before it is answered, so a
+        # killed and restarted server comes back with everything it had said yes to.
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -52,7 +55,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.persistence],
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
         )
@@ -64,6 +67,12 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
+
+    def crash(self) -> None:
+        """SIGKILL: the server gets no chance to save or to close its clients' connections politely."""
+        self.process.kill()
+        self.process.wait(10)
+        self.process = None
 
 
 def _pings(client: redis.Redis) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
 from imagine.client import ImagineClient
 from tests.fake_discord import FakeDiscord, FakeRole, FakeUser
-from tests.helpers import ServiceProcess, pixels, service_settings, wait_for, write_adapter
+from tests.helpers import RedisServer, ServiceProcess, pixels, service_settings, wait_for, write_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -330,3 +331,46 @@ def test_bot_imports_no_torch():
     imported = {line.split("|")[-1].strip().split(".")[0] for line in probe.stderr.splitlines() if "|" in line}
     assert "discord" in imported and "celery" in imported
     assert not imported & {"torch", "diffusers", "transformers", "peft", "accelerate"}
+
+
+def test_redis_crash_mid_job_users_are_told_and_the_result_still_arrives(model_cache, tmp_path):
+    from tests.helpers import WorkerProcess
+
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    settings = service_settings(server.url, f"o{uuid.uuid4().hex[:8]}")
+    worker = WorkerProcess(
+        settings, "outage", tmp_path, BASE_MODEL="tiny", MODEL_CACHE_DIR=str(model_cache), DEFAULT_ADAPTER=""
+    )
+    fake = FakeDiscord()
+    fake.start()
+    bot = BotProcess(settings, fake, tmp_path)
+    try:
+        worker.start()
+        for user in (ALICE, BOB):
+            fake.add_member(user)
+        bot.start()
+        client = ImagineClient(settings)
+        long_job = {"prompt": "through a Redis crash", "size": "square", "steps": 40, "seed": 3, "adapter": "none"}
+        through_crash = fake.send_slash_command(ALICE, "imagine", long_job)
+        job_id = wait_for(lambda: client.store.running_jobs(), 60, "the job to start")[0]
+        wait_for(lambda: any(e["type"] == "step" for _, e in client.store.read_events(job_id)), 60, "a step")
+        server.crash()
+
+        sent = time.monotonic()
+        refused = fake.send_slash_command(BOB, "imagine", {"prompt": "while Redis is down", **SMALL})
+        assert "The image service is not answering right now" in ephemeral_reply(fake, refused)
+        assert time.monotonic() - sent < 3  # Discord forgets an interaction not answered within 3 s
+
+        wait_for(lambda: "storing the images: Redis is not answering" in worker.log(), 120, "the render to end")
+        server.start()
+        message = final_message(fake, through_crash)
+        assert message["embeds"][0]["description"] == "through a Redis crash"
+        assert len(message["attachments_bytes"]) == 1
+        again = final_message(fake, fake.send_slash_command(BOB, "imagine", {"prompt": "after the crash", **SMALL}))
+        assert again["embeds"][0]["description"] == "after the crash"
+    finally:
+        bot.stop()
+        fake.stop()
+        worker.stop()
+        server.stop()

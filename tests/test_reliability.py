@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
 from imagine.client import ImagineClient
 from imagine.queue import send_job
-from tests.helpers import service_settings, wait_for
+from tests.helpers import BIN, RedisServer, service_env, service_settings, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,3 +121,40 @@ def test_job_over_the_time_limit_is_stopped(redis_server, start_worker):
     assert client.queue_stats().failures_last_hour == {"timeout": 1}
     quick = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
     assert list(client.events(quick.job_id))[-1]["type"] == "done"
+
+
+def test_redis_crash_mid_job_loses_neither_the_render_nor_the_worker(tmp_path, start_worker):
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    settings = service_settings(server.url, f"t{uuid.uuid4().hex[:8]}")
+    worker = start_worker(settings, name="survivor")
+    client = ImagineClient(settings)
+    options = ["--width", "384", "--height", "384", "--steps", "40", "--adapter", "none", "--seed", "4"]
+    user = subprocess.Popen(
+        [str(BIN / "imagine"), "a long render", *options, "--out", str(tmp_path / "out")],
+        env=service_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job_id = wait_for(lambda: client.store.running_jobs(), 60, "the job to start")[0]
+        wait_until_rendering(client, job_id, worker.name, attempt=1)
+        server.crash()
+        # The render goes on without Redis, then its images wait in the worker for Redis to come back.
+        wait_for(lambda: "storing the images: Redis is not answering" in worker.log(), 120, "the render to end")
+        server.start()
+
+        # The user's `imagine` rode the outage out and got the first render, not a second one.
+        stdout, stderr = user.communicate(timeout=120)
+        assert user.returncode == 0, stderr
+        assert json.loads((tmp_path / "out" / f"{job_id}.json").read_text())["attempt"] == 1
+        assert len(stdout.split()) == 1 and Path(stdout.strip()).stat().st_size > 0
+        events = [event for _, event in client.store.read_events(job_id)]
+        assert [event["type"] for event in events].count("done") == 1
+        probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+        assert [event["type"] for event in client.events(probe.job_id)][-1] == "done"
+    finally:
+        user.kill()
+        worker.stop()
+        server.stop()

@@ -11,7 +11,7 @@ import pytest
 from imagine.client import ImagineClient, QueueFull
 from imagine.contract import JobRejected
 from imagine.queue import send_job
-from tests.helpers import pixels, png_size, run_cli, wait_for
+from tests.helpers import free_port, pixels, png_size, run_cli, service_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -210,3 +210,13 @@ def test_imagine_admin_queue_and_adapters_read_the_live_service(shared_service):
     adapters = run_cli(settings, "imagine-admin", "adapters")
     assert "flickr30k (default)" in adapters.stdout
     assert "flickr30k-kohya" in adapters.stdout and "kohya" in adapters.stdout
+
+
+def test_clis_say_plainly_when_redis_cannot_be_reached():
+    settings = service_settings(f"redis://:hunter2@127.0.0.1:{free_port()}/0", "nowhere")
+    for program, args in (("imagine", ["a dog"]), ("imagine-admin", ["queue"])):
+        answer = run_cli(settings, program, *args)
+        assert answer.returncode == 4, answer.stderr
+        assert f"{program}: cannot reach Redis at redis://:***@127.0.0.1:" in answer.stderr
+        assert "Start `redis-server`, or set REDIS_URL" in answer.stderr
+        assert "hunter2" not in answer.stderr and "Traceback" not in answer.stderr

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -30,6 +30,10 @@ from worker.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 60.0
+REDIS_OUTAGE_S = 300.0
+"""How long a worker holding a finished render waits for Redis to come back before it gives the render up."""
+
+T = TypeVar("T")
 
 
 class WorkerNameTaken(RuntimeError):
@@ -182,7 +186,9 @@ class GenerationService:
             # Set before the claim, so the janitor never takes this job for a dead worker's.
             self.current_job = (job_id, attempt)
             try:
-                outcome = self.store.claim(job_id, attempt, self.worker_name)
+                outcome = self._until_redis_answers(
+                    "claiming the job", lambda: self.store.claim(job_id, attempt, self.worker_name)
+                )
                 if outcome != "ok":
                     logger.info("job %s attempt %d skipped: %s", job_id, attempt, outcome)
                     return {"job_id": job_id, "state": f"skipped ({outcome})"}
@@ -192,6 +198,48 @@ class GenerationService:
                 if self.current_job is not None:
                     self._release_job()
 
+    # Redis during a job -------------------------------------------------------------------------
+    # Redis may restart under a running job (a crash, a `docker compose restart redis`). Progress is a
+    # courtesy and is skipped while Redis is away; the claim and the outcome are not, and wait for it.
+
+    def _report_progress(self, job_id: str, event: dict[str, Any]) -> None:
+        try:
+            self.store.append_event(job_id, event)
+        except redis.RedisError as error:
+            logger.warning("job %s: %s event not recorded, the render goes on: %s", job_id, event["type"], error)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self.store.cancel_requested(job_id)
+        except redis.RedisError:
+            return False  # asked again at the next progress event
+
+    def _finish(self, job_id: str, attempt: int, state: str, **details: str) -> bool:
+        """Record the attempt's outcome; False when another attempt holds the job now."""
+        return self._until_redis_answers(
+            f"recording the job as {state}", lambda: self.store.finish(job_id, attempt, state, **details)
+        )
+
+    def _announce(self, job_id: str, event: dict[str, Any]) -> None:
+        """The terminal event: what the bot and the CLI wait for, so it must be written."""
+        self._release_job()
+        self._until_redis_answers(f"announcing {event['type']}", lambda: self.store.append_event(job_id, event))
+
+    def _until_redis_answers(self, what: str, call: Callable[[], T]) -> T:
+        """Retry `call` through a Redis outage of up to REDIS_OUTAGE_S. Past that the job is given up;
+        once Redis is back, a worker's janitor queues it again (its heartbeat went stale meanwhile)."""
+        deadline = time.monotonic() + REDIS_OUTAGE_S
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("%s: Redis is not answering (%s); trying again in %.1f s", what, error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def _release_job(self) -> None:
         """This worker is idle again: say so before announcing the job's outcome, so whoever reacts to the
         outcome (`imagine-admin queue`, the bot's /queue) sees the worker idle, not a heartbeat later."""
@@ -199,7 +247,7 @@ class GenerationService:
         self._publish_status_quietly()
 
     def _run_claimed(self, job_id: str, raw_options: dict[str, Any], attempt: int) -> dict[str, Any]:
-        record = self.store.get(job_id)
+        record = self._until_redis_answers("reading the job", lambda: self.store.get(job_id))
         client = record.client
         queue_wait_s = record.started_at - record.submitted_at
         self._record_metric(self.store.record_duration, "queue_wait", queue_wait_s)
@@ -213,7 +261,7 @@ class GenerationService:
         except Exception as error:
             logger.exception("job %s could not be planned", job_id)
             return self._fail(job_id, attempt, client, "internal", f"The worker hit an unexpected error ({error!r}).")
-        self.store.append_event(
+        self._report_progress(
             job_id,
             {
                 "type": "started",
@@ -242,7 +290,7 @@ class GenerationService:
             if step < total and now - last_event < self.settings.progress_interval_s:
                 return
             last_event = now
-            if self.store.cancel_requested(job_id):
+            if self._cancel_requested(job_id):
                 raise JobInterrupted("cancelled", "Cancelled while rendering.")
             event: dict[str, Any] = {"type": "step", "step": step, "total": total}
             if self.settings.preview_interval_s and now - last_preview >= self.settings.preview_interval_s:
@@ -250,7 +298,7 @@ class GenerationService:
                 if preview is not None:
                     last_preview = now
                     event["preview_png"] = base64.b64encode(preview).decode()
-            self.store.append_event(job_id, event)
+            self._report_progress(job_id, event)
 
         out_of_memory = False
         try:
@@ -261,9 +309,8 @@ class GenerationService:
                 logger.warning("job %s attempt %d stopped: %s", job_id, attempt, interrupted)
                 return {"job_id": job_id, "state": "superseded"}
             if interrupted.reason == "cancelled":
-                if self.store.finish(job_id, attempt, "cancelled", client=client):
-                    self._release_job()
-                    self.store.append_event(job_id, {"type": "cancelled", "message": str(interrupted)})
+                if self._finish(job_id, attempt, "cancelled", client=client):
+                    self._announce(job_id, {"type": "cancelled", "message": str(interrupted)})
                 return {"job_id": job_id, "state": "cancelled"}
             return self._fail(job_id, attempt, client, interrupted.reason, str(interrupted))
         except Exception as error:
@@ -309,14 +356,13 @@ class GenerationService:
             "warnings": output.warnings,
         }
         result = JobResult(meta=meta, images=[png for png in output.images if png is not None])
-        self.store.stage_result(job_id, attempt, result)
-        if not self.store.finish(job_id, attempt, "done", client=client):
+        self._until_redis_answers("storing the images", lambda: self.store.stage_result(job_id, attempt, result))
+        if not self._finish(job_id, attempt, "done", client=client):
             logger.warning("job %s attempt %d finished after it was taken over; result not announced", job_id, attempt)
             return {"job_id": job_id, "state": "superseded"}
         self._record_metric(self.store.record_duration, "render", output.render_s)
         self.jobs_done += 1
-        self._release_job()
-        self.store.append_event(
+        self._announce(
             job_id,
             {
                 "type": "done",
@@ -342,9 +388,8 @@ class GenerationService:
 
     def _fail(self, job_id: str, attempt: int, client: str, reason: str, message: str) -> dict[str, Any]:
         logger.warning("job %s failed (%s): %s", job_id, reason, message)
-        if self.store.finish(job_id, attempt, "failed", error=message, reason=reason, client=client):
-            self._release_job()
-            self.store.append_event(job_id, {"type": "failed", "reason": reason, "message": message})
+        if self._finish(job_id, attempt, "failed", error=message, reason=reason, client=client):
+            self._announce(job_id, {"type": "failed", "reason": reason, "message": message})
         return {"job_id": job_id, "state": "failed", "reason": reason, "message": message}
 
     # Liveness --------------------------------------------------------------------------------
@@ -420,7 +465,9 @@ class GenerationService:
                     if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                         last_prune = time.monotonic()
                         self.store.prune()
-                except Exception:  # Redis away for a moment: try again next beat rather than die.
+                except (redis.ConnectionError, redis.TimeoutError) as error:  # Redis away: try again next beat
+                    logger.warning("janitor beat skipped: Redis is not answering (%s)", error)
+                except Exception:  # anything else is a bug to see in full, but not a reason to stop beating
                     logger.exception("janitor beat failed")
 
         self.publish_status()
