@@ -84,6 +84,8 @@ class GenerationService:
         self.device = device
         self.current_job: tuple[str, int] | None = None
         """(job id, attempt) being rendered, read by the janitor thread."""
+        self._progress_lost = False
+        """Whether the last progress event failed to reach Redis (it is logged once per outage)."""
         self._superseded: tuple[str, int] | None = None
         """Set by the janitor when the current attempt no longer holds its job: the render stops."""
         self.jobs_done = 0
@@ -206,7 +208,13 @@ class GenerationService:
         try:
             self.store.append_event(job_id, event)
         except redis.RedisError as error:
-            logger.warning("job %s: %s event not recorded, the render goes on: %s", job_id, event["type"], error)
+            if not self._progress_lost:  # once per outage, not once per step
+                logger.warning("job %s: Redis is away, progress is not recorded; rendering on: %s", job_id, error)
+            self._progress_lost = True
+            return
+        if self._progress_lost:
+            logger.info("job %s: Redis answers again; progress recorded again", job_id)
+            self._progress_lost = False
 
     def _cancel_requested(self, job_id: str) -> bool:
         try:
@@ -244,6 +252,7 @@ class GenerationService:
         """This worker is idle again: say so before announcing the job's outcome, so whoever reacts to the
         outcome (`imagine-admin queue`, the bot's /queue) sees the worker idle, not a heartbeat later."""
         self.current_job = None
+        self._progress_lost = False  # the next job's progress starts afresh
         self._publish_status_quietly()
 
     def _run_claimed(self, job_id: str, raw_options: dict[str, Any], attempt: int) -> dict[str, Any]:
@@ -455,9 +464,13 @@ class GenerationService:
 
         def loop() -> None:
             last_prune = time.monotonic()
+            redis_away = False
             while not self._stop.wait(self.settings.worker_heartbeat_s):
                 try:
                     self.publish_status()
+                    if redis_away:
+                        logger.info("Redis answers again; heartbeats resumed")
+                        redis_away = False
                     current = self.current_job  # read once: the job thread changes it
                     if current is not None and not self.store.heartbeat(*current, self.worker_name):
                         self._superseded = current
@@ -466,7 +479,9 @@ class GenerationService:
                         last_prune = time.monotonic()
                         self.store.prune()
                 except (redis.ConnectionError, redis.TimeoutError) as error:  # Redis away: try again next beat
-                    logger.warning("janitor beat skipped: Redis is not answering (%s)", error)
+                    if not redis_away:
+                        logger.warning("heartbeats stopped: Redis is not answering (%s)", error)
+                    redis_away = True
                 except Exception:  # anything else is a bug to see in full, but not a reason to stop beating
                     logger.exception("janitor beat failed")
 
@@ -478,4 +493,7 @@ class GenerationService:
         self._stop.set()
         if self._janitor is not None:
             self._janitor.join(timeout=5)
-        self.store.remove_worker(self.worker_name)
+        try:
+            self.store.remove_worker(self.worker_name)
+        except redis.RedisError as error:  # its status then ages out after WORKER_DEAD_AFTER_S
+            logger.warning("could not remove this worker's status from Redis: %s", error)
