@@ -48,10 +48,11 @@ class JobRunner:
 
         Refusals (a bad option, a limit, a full queue) are ephemeral replies; they come before the
         deferral so that only the requester sees them."""
+        limited = not (self.settings.admins_exempt_from_limits and self.bot.is_admin(interaction))
         try:
             checked = parse_job_options(options, self.client.settings.limits)
             await asyncio.to_thread(self.client.ensure_room)
-            if not (self.settings.admins_exempt_from_limits and self.bot.is_admin(interaction)):
+            if limited:
                 await asyncio.to_thread(self.limits.admit, interaction.user.id)
         except JobRejected as refusal:
             await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
@@ -66,14 +67,17 @@ class JobRunner:
             token_expires_at=interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_S,
         )
         with job_context(delivery.job_id):
-            await self._enqueue(interaction, checked, delivery)
+            await self._enqueue(interaction, checked, delivery, self.limits.max_pending if limited else None)
 
-    async def _enqueue(self, interaction: discord.Interaction, checked: JobOptions, delivery: Delivery) -> None:
+    async def _enqueue(
+        self, interaction: discord.Interaction, checked: JobOptions, delivery: Delivery, max_pending: int | None
+    ) -> None:
         # Remembered before the job exists: a bot that dies right after submitting still delivers it.
         await asyncio.to_thread(self.deliveries.save, delivery)
+        owner = str(interaction.user.id)
         try:
-            job = await asyncio.to_thread(self.client.submit, checked, str(interaction.user.id), delivery.job_id)
-        except JobRejected as refusal:  # the queue filled up in the last milliseconds
+            job = await asyncio.to_thread(self.client.submit, checked, owner, delivery.job_id, max_pending)
+        except JobRejected as refusal:  # the queue, or the user's share of it, filled up since the checks above
             await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
             await interaction.edit_original_response(content=f"⚠️ {refusal}")
             return

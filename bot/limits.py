@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from imagine.client import ImagineClient
+from imagine.client import ImagineClient, TooManyPending
 from imagine.contract import JobRejected
 
 
@@ -23,13 +23,11 @@ class UserLimits:
         self.cooldown_s = cooldown_s
 
     def admit(self, user_id: int) -> None:
-        """Count a new submission of `user_id`, or raise LimitReached saying when to try again."""
+        """Count a new submission of `user_id`, or raise TooManyPending or LimitReached saying when to try
+        again. The pending count is checked again, atomically, when the job is created."""
         pending = self.client.pending_for_owner(str(user_id))
         if len(pending) >= self.max_pending:
-            raise LimitReached(
-                f"You already have {len(pending)} jobs queued or rendering (the limit is {self.max_pending}); "
-                "submit again when one of them has finished."
-            )
+            raise TooManyPending(len(pending), self.max_pending)
         if self.cooldown_s <= 0:
             return
         key = self.client.store.key("bot", "cooldown", str(user_id))

@@ -36,6 +36,16 @@ class QueueFull(JobRejected):
     """The service holds as many waiting jobs as it accepts."""
 
 
+class TooManyPending(JobRejected):
+    """The submitter already has as many jobs queued or rendering as one person may."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"You already have {count} jobs queued or rendering (the limit is {limit}); "
+            "submit again when one of them has finished."
+        )
+
+
 @dataclass(frozen=True)
 class SubmittedJob:
     job_id: str
@@ -79,16 +89,27 @@ class ImagineClient:
     def new_job_id() -> str:
         return uuid.uuid4().hex
 
-    def submit(self, options: dict[str, Any] | JobOptions, owner: str = "", job_id: str | None = None) -> SubmittedJob:
-        """Validate and enqueue a job. Raises JobRejected (bad option) or QueueFull.
+    def submit(
+        self,
+        options: dict[str, Any] | JobOptions,
+        owner: str = "",
+        job_id: str | None = None,
+        max_pending_for_owner: int | None = None,
+    ) -> SubmittedJob:
+        """Validate and enqueue a job. Raises JobRejected (bad option), QueueFull, or TooManyPending when
+        `owner` already has `max_pending_for_owner` jobs queued or running.
 
         A front end that must remember the job before it exists (the bot) passes its own `job_id`."""
         checked = parse_job_options(options, self.settings.limits)
         job_id = job_id or self.new_job_id()
         payload = checked.model_dump()
-        position = self.store.create(job_id, payload, self.client_name, owner, self.settings.max_queue_length)
-        if position is None:
+        position = self.store.create(
+            job_id, payload, self.client_name, owner, self.settings.max_queue_length, max_pending_for_owner
+        )
+        if position == "queue_full":
             raise self._queue_full()
+        if position == "owner_limit":
+            raise TooManyPending(len(self.pending_for_owner(owner)), max_pending_for_owner)
         self.store.append_event(job_id, {"type": "queued", "position": position})
         try:
             send_job(self.app, job_id, payload, attempt=1)

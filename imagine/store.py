@@ -27,13 +27,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
+CreateRefusal = Literal["queue_full", "owner_limit"]
 FAILURE_REASONS = ("rejected", "adapter", "out_of_memory", "timeout", "worker_lost", "internal")
 """Why a job failed: refused options, a missing or refused adapter, out of memory, over JOB_TIME_LIMIT_S,
 its worker died under it MAX_JOB_ATTEMPTS times, anything else. A fixed set, so a metric's label stays small."""
@@ -276,17 +277,32 @@ class JobStore:
 
     # Submission and queue -------------------------------------------------------------------
 
-    def create(self, job_id: str, options: dict[str, Any], client: str, owner: str, max_queued: int) -> int | None:
-        """Record a queued job and return its position (1 = next), or None when the queue is full."""
-        pending = self.key("pending")
+    def create(
+        self,
+        job_id: str,
+        options: dict[str, Any],
+        client: str,
+        owner: str,
+        max_queued: int,
+        max_for_owner: int | None = None,
+    ) -> int | CreateRefusal:
+        """Record a queued job and return its position (1 = next), or why it was not recorded: the queue
+        holds `max_queued` jobs, or `owner` already has `max_for_owner` jobs queued or running.
+
+        Both checks and the write are one transaction: submissions racing each other cannot pass a
+        limit together."""
+        pending, running = self.key("pending"), self.key("running")
         now = self.now()
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(pending)
+                    pipe.watch(pending, running)
                     if pipe.zcard(pending) >= max_queued:
                         pipe.unwatch()
-                        return None
+                        return "queue_full"
+                    if max_for_owner is not None and len(self._owned(pipe, owner)) >= max_for_owner:
+                        pipe.unwatch()
+                        return "owner_limit"
                     pipe.multi()
                     pipe.hset(
                         self.key("job", job_id),
@@ -315,11 +331,13 @@ class JobStore:
         return self.redis.zcard(self.key("pending"))
 
     def pending_for_owner(self, owner: str) -> list[str]:
-        ids = [member.decode() for member in self.redis.zrange(self.key("pending"), 0, -1)]
-        running = [member.decode() for member in self.redis.smembers(self.key("running"))]
-        return [
-            job_id for job_id in ids + running if self.redis.hget(self.key("job", job_id), "owner") == owner.encode()
-        ]
+        """Jobs of `owner` queued or running."""
+        return self._owned(self.redis, owner)
+
+    def _owned(self, reader: redis.Redis | redis.client.Pipeline, owner: str) -> list[str]:
+        ids = [member.decode() for member in reader.zrange(self.key("pending"), 0, -1)]
+        running = [member.decode() for member in reader.smembers(self.key("running"))]
+        return [job_id for job_id in ids + running if reader.hget(self.key("job", job_id), "owner") == owner.encode()]
 
     def prune(self) -> int:
         """Forget queue and delivery entries of jobs whose records expired (RESULT_TTL_S), so that a

@@ -45,8 +45,11 @@ def test_requeue_goes_to_the_back_like_the_broker_and_gives_up_after_the_attempt
 def test_queue_cap_and_owner_listing(store):
     assert store.create("a", {"prompt": "x"}, "cli", "alice", max_queued=2) == 1
     assert store.create("b", {"prompt": "x"}, "cli", "bob", max_queued=2) == 2
-    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=2) is None
-    assert store.pending_for_owner("alice") == ["a"]
+    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=2) == "queue_full"
+    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=1) == "owner_limit"
+    assert store.claim("a", 1, "w1") == "ok"  # running jobs count too
+    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=2) == 2
+    assert sorted(store.pending_for_owner("alice")) == ["a", "c"]
 
 
 def test_expired_jobs_do_not_hold_queue_places_for_ever(store):
