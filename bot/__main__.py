@@ -29,8 +29,7 @@ def main() -> int:
         discord.http.Route.BASE = settings.discord_api_base
     if settings.discord_gateway_url:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
-    # Quick retries: with Redis away, a user still hears so within Discord's 3 s.
-    bot = ImagineBot(settings, ImagineClient(settings, client_name="discord", quick_retries=3))
+    bot = ImagineBot(settings, ImagineClient(settings, client_name="discord"))
     try:
         bot.run(settings.discord_token.get_secret_value(), log_handler=None)
     except discord.LoginFailure:

@@ -19,7 +19,7 @@ import discord
 from bot import messages
 from bot.deliveries import INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
 from bot.limits import UserLimits
-from imagine.client import ImagineClient
+from imagine.client import REDIS_UNREACHABLE, ImagineClient
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.logs import job_context
 from imagine.store import TERMINAL_EVENTS, EventCursor
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
+REDIS_RETRY_S = 2.0
 
 
 class JobRunner:
@@ -47,7 +48,8 @@ class JobRunner:
         """Check, acknowledge, enqueue and follow one job for the user of `interaction`.
 
         Refusals (a bad option, a limit, a full queue) are ephemeral replies; they come before the
-        deferral so that only the requester sees them."""
+        deferral so that only the requester sees them. The limits are checked again, atomically, as the
+        job is created: a submission that lost a race there gets its refusal in the deferred reply."""
         limited = not (self.settings.admins_exempt_from_limits and self.bot.is_admin(interaction))
         try:
             checked = parse_job_options(options, self.client.settings.limits)
@@ -124,9 +126,13 @@ class JobRunner:
         preview: bytes | None = None
         last_edit = 0.0
         failures = 0
+        redis_away = False
         while True:
             try:
                 events = await asyncio.to_thread(self.client.store.poll_events, delivery.job_id, cursor)
+                if redis_away:
+                    logger.info("job %s: Redis answers again; following on", delivery.job_id)
+                    redis_away = False
                 for event in events:
                     if event["type"] in TERMINAL_EVENTS:
                         await self._finish(delivery, prompt, event)
@@ -141,8 +147,18 @@ class JobRunner:
             except LookupError:
                 await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
                 return
+            except REDIS_UNREACHABLE as error:
+                # Redis restarting: the job's events wait in its stream. Look again soon, not after a backoff
+                # that would hold the result back long after Redis is back.
+                if not redis_away:
+                    logger.warning(
+                        "job %s: Redis is not answering (%s); following when it does", delivery.job_id, error
+                    )
+                redis_away = True
+                await asyncio.sleep(REDIS_RETRY_S)
+                continue
             except Exception:
-                # Redis or Discord away for a moment: keep the job and try again, more slowly each time.
+                # Discord away for a moment, or an error of ours: keep the job and try again, more slowly each time.
                 failures += 1
                 logger.exception("job %s: following failed (%d in a row)", delivery.job_id, failures)
                 await asyncio.sleep(min(60.0, POLL_S * 2**failures))

@@ -107,6 +107,9 @@ def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
     except LookupError as error:  # Redis restarted without its data, or the job outlived RESULT_TTL_S
         print(f"imagine: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except REDIS_UNREACHABLE as error:
+        print(f"imagine: job {job.job_id} was queued, then Redis went away: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     finally:
         if bar is not None:
             bar.close()

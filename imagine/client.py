@@ -79,10 +79,10 @@ class QueueStats:
 
 
 class ImagineClient:
-    def __init__(self, settings: ServiceSettings, client_name: str = "cli", quick_retries: int | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, client_name: str = "cli") -> None:
         self.settings = settings
         self.client_name = client_name
-        self.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s, quick_retries)
+        self.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
         self.app = make_celery(settings)
 
     @staticmethod
@@ -103,13 +103,13 @@ class ImagineClient:
         checked = parse_job_options(options, self.settings.limits)
         job_id = job_id or self.new_job_id()
         payload = checked.model_dump()
-        position = self.store.create(
+        outcome, position = self.store.create(
             job_id, payload, self.client_name, owner, self.settings.max_queue_length, max_pending_for_owner
         )
-        if position == "queue_full":
+        if outcome == "queue_full":
             raise self._queue_full()
-        if position == "owner_limit":
-            raise TooManyPending(len(self.pending_for_owner(owner)), max_pending_for_owner)
+        if outcome == "owner_limit":
+            raise TooManyPending(position, max_pending_for_owner)
         self.store.append_event(job_id, {"type": "queued", "position": position})
         try:
             send_job(self.app, job_id, payload, attempt=1)

@@ -30,11 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
-CreateRefusal = Literal["queue_full", "owner_limit"]
+CreateOutcome = tuple[Literal["ok", "queue_full", "owner_limit"], int]
 FAILURE_REASONS = ("rejected", "adapter", "out_of_memory", "timeout", "worker_lost", "internal")
 """Why a job failed: refused options, a missing or refused adapter, out of memory, over JOB_TIME_LIMIT_S,
 its worker died under it MAX_JOB_ATTEMPTS times, anything else. A fixed set, so a metric's label stays small."""
@@ -44,19 +42,52 @@ DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 
 """Upper bounds of the duration histograms: from the tiny model on a CPU to SD at 1024 px behind a long queue."""
 RECENT_DURATIONS_KEPT = 50
 RECENT_FAILURES_S = 3600
+MAX_EVENTS = 2000
+"""Events kept per job (about: Redis trims streams in whole nodes)."""
+REDIS_OUTAGE_S = 300.0
+"""How long a worker holding a finished render, or a front end following a job, waits for Redis to come back."""
 
-# Counts a job's end; the scripts that end a job start with it, so that each job is counted in the same
-# atomic step that ends it: once, however many attempts, redeliveries and cancels race for it.
-_COUNT_END = f"""
-local function count_end(counters, recent_failures, state, reason, now, job_id)
+# Ends a job: its final state, its place among the client's finished jobs, its count, and its terminal
+# event (what every follower waits for). The scripts that end a job start with this function, so all of
+# it happens in the one atomic step that ends the job: once, however many attempts, redeliveries and
+# cancels race for it, and never a final state without its event (nor an event twice).
+# keys: job, finished, counters, recent_failures, events.
+_END_JOB = f"""
+local function end_job(keys, state, reason, now, job_id, event_json, ttl)
+  redis.call('HSET', keys[1], 'state', state, 'finished_at', now)
+  redis.call('ZADD', keys[2], now, job_id)
   if state == 'failed' then
-    redis.call('HINCRBY', counters, 'failed:' .. reason, 1)
-    redis.call('ZADD', recent_failures, now, reason .. ':' .. job_id)
-    redis.call('ZREMRANGEBYSCORE', recent_failures, '-inf', tonumber(now) - {RECENT_FAILURES_S})
+    redis.call('HINCRBY', keys[3], 'failed:' .. reason, 1)
+    redis.call('ZADD', keys[4], now, reason .. ':' .. job_id)
+    redis.call('ZREMRANGEBYSCORE', keys[4], '-inf', tonumber(now) - {RECENT_FAILURES_S})
   elseif state == 'cancelled' then
-    redis.call('HINCRBY', counters, 'cancelled', 1)
+    redis.call('HINCRBY', keys[3], 'cancelled', 1)
   end
+  redis.call('XADD', keys[5], 'MAXLEN', '~', {MAX_EVENTS}, '*', 'event', event_json)
+  redis.call('EXPIRE', keys[5], ttl)
 end
+"""
+
+# Queue a new job unless the queue, or its owner's share of it, is full.
+# KEYS: job, pending, running. ARGV: job id, options, client, owner, now, max queued,
+# max for the owner ('' for none), ttl, prefix of job keys (owners are read from the jobs queued or running).
+_CREATE = """
+local queued = redis.call('ZCARD', KEYS[2])
+if queued >= tonumber(ARGV[6]) then return {'queue_full', queued} end
+if ARGV[7] ~= '' then
+  local owned = 0
+  for _, ids in ipairs({redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('SMEMBERS', KEYS[3])}) do
+    for _, id in ipairs(ids) do
+      if redis.call('HGET', ARGV[9] .. id, 'owner') == ARGV[4] then owned = owned + 1 end
+    end
+  end
+  if owned >= tonumber(ARGV[7]) then return {'owner_limit', owned} end
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'options', ARGV[2], 'client', ARGV[3], 'owner', ARGV[4],
+           'attempt', 1, 'submitted_at', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+return {'ok', redis.call('ZRANK', KEYS[2], ARGV[1]) + 1}
 """
 
 # Claim a queued job for one attempt. A message whose attempt is not the job's current one is a
@@ -66,7 +97,10 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 'stale' end
 if state == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then
-  return 'ok'  -- this worker's own claim, sent again after Redis restarted before answering it
+  -- This worker's own claim, sent again after Redis restarted before answering it; the heartbeat is
+  -- refreshed, or other workers would take the job for a dead worker's after a long outage.
+  redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[3])
+  return 'ok'
 end
 if state ~= 'queued' then return state end
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3], 'heartbeat_at', ARGV[3])
@@ -78,8 +112,10 @@ return 'ok'
 # Finish the attempt that holds the job; anything else (a superseded attempt) changes nothing. The
 # result this attempt staged becomes the job's result only here, so a superseded attempt that ran on
 # (a worker cut off from Redis for a while) can never replace the result of the attempt that won.
+# KEYS: job, running, finished, staged result, result, counters, recent_failures, events.
+# ARGV: attempt, state, now, error, reason, job id, terminal event (JSON), ttl.
 _FINISH = """
-if redis.call('HGET', KEYS[1], 'state') == ARGV[2] and redis.call('HGET', KEYS[1], 'attempt') == ARGV[1] then
+if redis.call('HGET', KEYS[1], 'finished_attempt') == ARGV[1] and redis.call('HGET', KEYS[1], 'state') == ARGV[2] then
   return 1  -- this attempt's own finish, sent again after Redis restarted before answering it
 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then
@@ -87,10 +123,9 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[
   return 0
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[5]) end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4], 'reason', ARGV[5])
+redis.call('HSET', KEYS[1], 'error', ARGV[4], 'reason', ARGV[5], 'finished_attempt', ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[6])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[6])
-count_end(KEYS[6], KEYS[7], ARGV[2], ARGV[5], ARGV[3], ARGV[6])
+end_job({KEYS[1], KEYS[3], KEYS[6], KEYS[7], KEYS[8]}, ARGV[2], ARGV[5], ARGV[3], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
 
@@ -104,14 +139,13 @@ redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[3])
 return 1
 """
 
+# KEYS: job, pending, finished, counters, recent_failures, events. ARGV: now, job id, terminal event, ttl.
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
-  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
-  count_end(KEYS[4], KEYS[5], 'cancelled', '', ARGV[1], ARGV[2])
+  end_job({KEYS[1], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, 'cancelled', '', ARGV[1], ARGV[2], ARGV[3], ARGV[4])
   return 'cancelled'
 end
 if state == 'running' then
@@ -122,6 +156,8 @@ return state
 """
 
 # Put back a job whose worker stopped sending heartbeats, or fail it once it has used its attempts.
+# KEYS: job, running, finished, pending, counters, recent_failures, events.
+# ARGV: dead before, max attempts, job id, now, dead worker, ttl.
 _REQUEUE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
@@ -134,19 +170,21 @@ if heartbeat and heartbeat > tonumber(ARGV[1]) and redis.call('HGET', KEYS[1], '
   return -1
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
+local ending = {KEYS[1], KEYS[3], KEYS[5], KEYS[6], KEYS[7]}
+local ts = tonumber(ARGV[4])
 redis.call('SREM', KEYS[2], ARGV[3])
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[4])
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-  count_end(KEYS[5], KEYS[6], 'cancelled', '', ARGV[4], ARGV[3])
+  local message = 'Cancelled (its worker stopped).'
+  local event = cjson.encode({job_id = ARGV[3], ts = ts, type = 'cancelled', message = message})
+  end_job(ending, 'cancelled', '', ARGV[4], ARGV[3], event, ARGV[6])
   return -2
 end
 if attempt >= tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[4], 'reason', 'worker_lost',
-             'error', 'This job stopped its worker ' .. attempt ..
-             ' times (killed or crashed mid-render), so it was not run again. Try a smaller size or fewer images.')
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-  count_end(KEYS[5], KEYS[6], 'failed', 'worker_lost', ARGV[4], ARGV[3])
+  local message = 'This job stopped its worker ' .. attempt ..
+                  ' times (killed or crashed mid-render), so it was not run again. Try a smaller size or fewer images.'
+  redis.call('HSET', KEYS[1], 'reason', 'worker_lost', 'error', message)
+  local event = cjson.encode({job_id = ARGV[3], ts = ts, type = 'failed', reason = 'worker_lost', message = message})
+  end_job(ending, 'failed', 'worker_lost', ARGV[4], ARGV[3], event, ARGV[6])
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', attempt + 1)
@@ -240,22 +278,21 @@ class JobStore:
         self.redis = redis_client
         self.prefix = prefix
         self.ttl_s = ttl_s
+        self._create = redis_client.register_script(_CREATE)
         self._claim = redis_client.register_script(_CLAIM)
-        self._finish = redis_client.register_script(_COUNT_END + _FINISH)
-        self._cancel = redis_client.register_script(_COUNT_END + _CANCEL)
-        self._requeue = redis_client.register_script(_COUNT_END + _REQUEUE)
+        self._finish = redis_client.register_script(_END_JOB + _FINISH)
+        self._cancel = redis_client.register_script(_END_JOB + _CANCEL)
+        self._requeue = redis_client.register_script(_END_JOB + _REQUEUE)
         self._heartbeat = redis_client.register_script(_HEARTBEAT)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, ttl_s: int, quick_retries: int | None = None) -> JobStore:
-        """A store on the Redis at `url`. Each command is retried through a short outage (redis-py's
-        default: 10 tries over a few seconds); `quick_retries` gives up sooner, after that many tries
-        within about half a second, for a front end that owes someone an answer (Discord's 3 s)."""
-        options: dict[str, Any] = {}
-        if quick_retries is not None:
-            options["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.25), quick_retries)
-        # A timeout, so that a half-open connection fails a call instead of hanging a worker or the bot.
-        return cls(redis.Redis.from_url(url, health_check_interval=30, socket_timeout=30, **options), prefix, ttl_s)
+    def from_url(cls, url: str, prefix: str, ttl_s: int) -> JobStore:
+        """A store on the Redis at `url`. A command is not retried here (redis-py's `from_url` does not):
+        what must survive an outage retries at its own level (the worker's outcome, `follow`)."""
+        # A timeout, so that a half-open connection fails a call instead of hanging a worker or the bot;
+        # a short connect timeout, so that with Redis's host gone the bot still answers within Discord's 3 s.
+        client = redis.Redis.from_url(url, health_check_interval=30, socket_timeout=30, socket_connect_timeout=2)
+        return cls(client, prefix, ttl_s)
 
     def now(self) -> float:
         """Redis's clock: workers, bots and CLIs on several machines compare times, so they share one clock."""
@@ -285,43 +322,19 @@ class JobStore:
         owner: str,
         max_queued: int,
         max_for_owner: int | None = None,
-    ) -> int | CreateRefusal:
-        """Record a queued job and return its position (1 = next), or why it was not recorded: the queue
-        holds `max_queued` jobs, or `owner` already has `max_for_owner` jobs queued or running.
+    ) -> CreateOutcome:
+        """Record a queued job: ("ok", its position, 1 = next). Or why it was not recorded, with the
+        count that said no: ("queue_full", jobs queued) when the queue holds `max_queued` jobs,
+        ("owner_limit", the owner's jobs) when `owner` has `max_for_owner` jobs queued or running.
 
-        Both checks and the write are one transaction: submissions racing each other cannot pass a
+        The checks and the write are one atomic step: submissions racing each other cannot pass a
         limit together."""
-        pending, running = self.key("pending"), self.key("running")
-        now = self.now()
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(pending, running)
-                    if pipe.zcard(pending) >= max_queued:
-                        pipe.unwatch()
-                        return "queue_full"
-                    if max_for_owner is not None and len(self._owned(pipe, owner)) >= max_for_owner:
-                        pipe.unwatch()
-                        return "owner_limit"
-                    pipe.multi()
-                    pipe.hset(
-                        self.key("job", job_id),
-                        mapping={
-                            "state": "queued",
-                            "options": json.dumps(options),
-                            "client": client,
-                            "owner": owner,
-                            "attempt": 1,
-                            "submitted_at": now,
-                        },
-                    )
-                    pipe.zadd(pending, {job_id: now})
-                    self._touch(pipe, job_id)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
-        return self.position(job_id)
+        keys = [self.key("job", job_id), self.key("pending"), self.key("running")]
+        limit = "" if max_for_owner is None else max_for_owner
+        job_prefix = self.key("job", "")
+        args = [job_id, json.dumps(options), client, owner, self.now(), max_queued, limit, self.ttl_s, job_prefix]
+        outcome, number = self._create(keys=keys, args=args)
+        return outcome.decode(), int(number)
 
     def position(self, job_id: str) -> int | None:
         rank = self.redis.zrank(self.key("pending"), job_id)
@@ -332,12 +345,11 @@ class JobStore:
 
     def pending_for_owner(self, owner: str) -> list[str]:
         """Jobs of `owner` queued or running."""
-        return self._owned(self.redis, owner)
-
-    def _owned(self, reader: redis.Redis | redis.client.Pipeline, owner: str) -> list[str]:
-        ids = [member.decode() for member in reader.zrange(self.key("pending"), 0, -1)]
-        running = [member.decode() for member in reader.smembers(self.key("running"))]
-        return [job_id for job_id in ids + running if reader.hget(self.key("job", job_id), "owner") == owner.encode()]
+        ids = [member.decode() for member in self.redis.zrange(self.key("pending"), 0, -1)]
+        running = [member.decode() for member in self.redis.smembers(self.key("running"))]
+        return [
+            job_id for job_id in ids + running if self.redis.hget(self.key("job", job_id), "owner") == owner.encode()
+        ]
 
     def prune(self) -> int:
         """Forget queue and delivery entries of jobs whose records expired (RESULT_TTL_S), so that a
@@ -386,8 +398,19 @@ class JobStore:
         return self.redis.hget(self.key("job", job_id), "cancel_requested") == b"1"
 
     def finish(
-        self, job_id: str, attempt: int, state: str, error: str = "", reason: str = "", client: str = ""
+        self,
+        job_id: str,
+        attempt: int,
+        state: str,
+        event: dict[str, Any] | None = None,
+        error: str = "",
+        reason: str = "",
+        client: str = "",
     ) -> bool:
+        """End the job as `state` ('done', 'failed', 'cancelled') with its terminal event, of type `state`
+        and the details in `event`, if `attempt` still holds it. Sent again after its answer was lost
+        (a Redis restart), it answers True again and changes nothing."""
+        now = self.now()
         keys = [
             self.key("job", job_id),
             self.key("running"),
@@ -395,19 +418,26 @@ class JobStore:
             self._staged_result_key(job_id, attempt),
             self.key("job", job_id, "result"),
             *self._end_counter_keys(),
+            self.key("job", job_id, "events"),
         ]
-        args = [attempt, state, self.now(), error, reason, job_id]
+        terminal = self._event_json(job_id, now, {"type": state, **(event or {})})
+        args = [attempt, state, now, error, reason, job_id, terminal, self.ttl_s]
         return bool(self._finish(keys=keys, args=args))
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued job ('cancelled'), ask a running one to stop ('cancelling'), or say its state."""
         record = self.get(job_id)
         client = record.client if record else ""
-        keys = [self.key("job", job_id), self.key("pending"), self.key("finished", client), *self._end_counter_keys()]
-        outcome = self._cancel(keys=keys, args=[self.now(), job_id]).decode()
-        if outcome == "cancelled":
-            self.append_event(job_id, {"type": "cancelled", "message": "Cancelled while queued."})
-        return outcome
+        keys = [
+            self.key("job", job_id),
+            self.key("pending"),
+            self.key("finished", client),
+            *self._end_counter_keys(),
+            self.key("job", job_id, "events"),
+        ]
+        now = self.now()
+        terminal = self._event_json(job_id, now, {"type": "cancelled", "message": "Cancelled while queued."})
+        return self._cancel(keys=keys, args=[now, job_id, terminal, self.ttl_s]).decode()
 
     def requeue_if_dead(self, job_id: str, dead_before: float, max_attempts: int, dead_worker: str = "") -> int:
         """Requeue a running job whose heartbeat is older than `dead_before` (or whose worker is
@@ -421,15 +451,22 @@ class JobStore:
             self.key("finished", client),
             self.key("pending"),
             *self._end_counter_keys(),
+            self.key("job", job_id, "events"),
         ]
-        return int(self._requeue(keys=keys, args=[dead_before, max_attempts, job_id, self.now(), dead_worker]))
+        args = [dead_before, max_attempts, job_id, self.now(), dead_worker, self.ttl_s]
+        return int(self._requeue(keys=keys, args=args))
 
     # Events -----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _event_json(job_id: str, now: float, event: dict[str, Any]) -> str:
+        return json.dumps({"job_id": job_id, "ts": now, **event})
+
     def append_event(self, job_id: str, event: dict[str, Any]) -> None:
-        event = {"job_id": job_id, "ts": self.now(), **event}
+        """Add a progress event (queued, started, step). Terminal events come with the end of the job."""
+        payload = self._event_json(job_id, self.now(), event)
         with self.redis.pipeline() as pipe:
-            pipe.xadd(self.key("job", job_id, "events"), {"event": json.dumps(event)}, maxlen=2000, approximate=True)
+            pipe.xadd(self.key("job", job_id, "events"), {"event": payload}, maxlen=MAX_EVENTS, approximate=True)
             self._touch(pipe, job_id)
             pipe.execute()
 
@@ -460,7 +497,7 @@ class JobStore:
             raise LookupError(f"job {job_id} is unknown or has expired")
         return []
 
-    def follow(self, job_id: str, poll_s: float = 1.0, outage_s: float = 120.0) -> Iterator[dict[str, Any]]:
+    def follow(self, job_id: str, poll_s: float = 1.0, outage_s: float = REDIS_OUTAGE_S) -> Iterator[dict[str, Any]]:
         """Yield the job's events in order until a terminal one (see `poll_events`).
 
         Rides out a Redis restart of up to `outage_s`: the cursor keeps its place in the job's event

@@ -44,8 +44,8 @@ class RedisServer:
     def __init__(self, workdir: Path, persistent: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
-        # What production runs (compose turns AOF on): every write on disk before it is answered, so a
-        # killed and restarted server comes back with everything it had said yes to.
+        # Compose's Redis keeps an append-only file too, so its data survives a restart. Here each write is
+        # on disk before it is answered, so a killed server comes back with everything it said yes to.
         self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
         self.process: subprocess.Popen | None = None
 

@@ -23,9 +23,10 @@ def test_claim_runs_one_attempt_once(store):
     assert store.claim("j", 1, "w1") == "ok"
     assert store.claim("j", 1, "w2") == "running"  # a duplicate delivery of the same attempt
     assert store.claim("j", 1, "w1") == "ok"  # w1's claim sent again: Redis restarted before answering
-    assert store.finish("j", 1, "done", client="cli")
+    assert store.finish("j", 1, "done", {"images": 1}, client="cli")
     assert not store.finish("j", 1, "failed", client="cli")
-    assert store.finish("j", 1, "done", client="cli")  # sent again, for the same reason
+    assert store.finish("j", 1, "done", {"images": 1}, client="cli")  # sent again, for the same reason
+    assert [(event["type"], event["images"]) for _, event in store.read_events("j")] == [("done", 1)]
     assert store.get("j").state == "done" and store.undelivered("cli") == ["j"]
 
 
@@ -43,12 +44,13 @@ def test_requeue_goes_to_the_back_like_the_broker_and_gives_up_after_the_attempt
 
 
 def test_queue_cap_and_owner_listing(store):
-    assert store.create("a", {"prompt": "x"}, "cli", "alice", max_queued=2) == 1
-    assert store.create("b", {"prompt": "x"}, "cli", "bob", max_queued=2) == 2
-    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=2) == "queue_full"
-    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=1) == "owner_limit"
+    assert store.create("a", {"prompt": "x"}, "cli", "alice", max_queued=2) == ("ok", 1)
+    assert store.create("b", {"prompt": "x"}, "cli", "bob", max_queued=2) == ("ok", 2)
+    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=2) == ("queue_full", 2)
+    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=1) == ("owner_limit", 1)
     assert store.claim("a", 1, "w1") == "ok"  # running jobs count too
-    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=2) == 2
+    assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=2) == ("ok", 2)
+    assert store.create("d", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=2) == ("owner_limit", 2)
     assert sorted(store.pending_for_owner("alice")) == ["a", "c"]
 
 
@@ -86,6 +88,7 @@ def test_each_job_end_is_counted_once_with_its_reason(store):
     assert store.finish("refused", 1, "failed", error="no such adapter", reason="adapter", client="cli")
     # Sent again after Redis restarted before answering: the same attempt's own outcome, counted once.
     assert store.finish("refused", 1, "failed", error="no such adapter", reason="adapter", client="cli")
+    assert not store.finish("refused", 1, "done", client="cli")  # another outcome for an ended job
     assert store.cancel("queued") == "cancelled" and store.cancel("queued") == "cancelled"
     assert store.requeue_if_dead("lost", time.time() + 1, max_attempts=1) == 0
     assert store.cancel("cancelling") == "cancelling"
@@ -113,3 +116,27 @@ def test_durations_make_a_cumulative_histogram_and_keep_the_latest(store):
     assert (buckets[0.1], buckets[0.5], buckets[5], buckets[10], buckets[1800]) == (1, 2, 2, 3, 3)
     assert render.recent == [7.0, 0.3, 0.05] and render.recent_median == 0.3
     assert store.durations("queue_wait").count == 0 and store.durations("queue_wait").recent_median is None
+
+
+def test_an_attempt_that_lost_its_job_is_not_told_it_finished_it(store):
+    store.create("j", {"prompt": "x"}, "cli", "", max_queued=10)
+    assert store.claim("j", 1, "w1") == "ok"
+    assert store.requeue_if_dead("j", time.time() + 1, max_attempts=1) == 0  # w1 fell silent: failed for good
+    late = {"reason": "timeout", "message": "too slow"}
+    assert not store.finish("j", 1, "failed", late, error="too slow", reason="timeout", client="cli")
+    assert store.get("j").reason == "worker_lost"
+    events = [event for _, event in store.read_events("j")]
+    assert [(event["type"], event["reason"]) for event in events] == [("failed", "worker_lost")]
+    assert "stopped its worker 1 times" in events[0]["message"]
+
+
+def test_a_job_ends_with_exactly_one_terminal_event(store):
+    store.create("queued", {"prompt": "x"}, "cli", "", max_queued=10)
+    assert store.cancel("queued") == "cancelled" and store.cancel("queued") == "cancelled"
+    assert [event["type"] for _, event in store.read_events("queued")] == ["cancelled"]
+    store.create("running", {"prompt": "x"}, "cli", "", max_queued=10)
+    assert store.claim("running", 1, "w1") == "ok" and store.cancel("running") == "cancelling"
+    assert store.requeue_if_dead("running", time.time() + 1, max_attempts=3) == -2  # its worker died meanwhile
+    assert not store.finish("running", 1, "cancelled", client="cli")  # the worker, back, comes too late
+    events = [event for _, event in store.read_events("running")]
+    assert [event["type"] for event in events] == ["cancelled"] and events[0]["job_id"] == "running"

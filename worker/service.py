@@ -21,7 +21,7 @@ from celery import Celery
 from imagine.contract import JobRejected, parse_job_options
 from imagine.logs import job_context
 from imagine.queue import send_job
-from imagine.store import JobResult, JobStore
+from imagine.store import REDIS_OUTAGE_S, JobResult, JobStore
 from worker.adapters import AdapterError, AdapterRegistry, list_adapters
 from worker.pipeline import choose_placement, load_pipeline
 from worker.renderer import JobInterrupted, Renderer, free_memory, is_out_of_memory, latent_preview
@@ -30,8 +30,6 @@ from worker.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 60.0
-REDIS_OUTAGE_S = 300.0
-"""How long a worker holding a finished render waits for Redis to come back before it gives the render up."""
 
 T = TypeVar("T")
 
@@ -83,7 +81,9 @@ class GenerationService:
         self.app = app
         self.device = device
         self.current_job: tuple[str, int] | None = None
-        """(job id, attempt) being rendered, read by the janitor thread."""
+        """(job id, attempt) claimed and not yet finished, read by the janitor thread (heartbeats)."""
+        self._rendering: str | None = None
+        """The job this worker renders, as its status shows it: cleared before the outcome is announced."""
         self._progress_lost = False
         """Whether the last progress event failed to reach Redis (it is logged once per outage)."""
         self._superseded: tuple[str, int] | None = None
@@ -185,8 +185,6 @@ class GenerationService:
                 self.sync_adapters()
             except Exception:  # Redis away for a moment: the job still runs, the reload is applied before the next
                 logger.exception("applying adapter reloads failed")
-            # Set before the claim, so the janitor never takes this job for a dead worker's.
-            self.current_job = (job_id, attempt)
             try:
                 outcome = self._until_redis_answers(
                     "claiming the job", lambda: self.store.claim(job_id, attempt, self.worker_name)
@@ -194,11 +192,18 @@ class GenerationService:
                 if outcome != "ok":
                     logger.info("job %s attempt %d skipped: %s", job_id, attempt, outcome)
                     return {"job_id": job_id, "state": f"skipped ({outcome})"}
+                # Claimed with a fresh heartbeat: from here the janitor keeps it fresh, and never takes
+                # this job for a dead worker's, until its outcome is recorded.
+                self.current_job = (job_id, attempt)
+                self._rendering = job_id
                 self._publish_status_quietly()
                 return self._run_claimed(job_id, options, attempt)
             finally:
-                if self.current_job is not None:
-                    self._release_job()
+                self.current_job = self._superseded = None
+                self._progress_lost = False  # the next job's progress starts afresh
+                if self._rendering is not None:  # stopped without an outcome (superseded, or Redis gone)
+                    self._rendering = None
+                    self._publish_status_quietly()
 
     # Redis during a job -------------------------------------------------------------------------
     # Redis may restart under a running job (a crash, a `docker compose restart redis`). Progress is a
@@ -207,7 +212,7 @@ class GenerationService:
     def _report_progress(self, job_id: str, event: dict[str, Any]) -> None:
         try:
             self.store.append_event(job_id, event)
-        except redis.RedisError as error:
+        except (redis.ConnectionError, redis.TimeoutError) as error:
             if not self._progress_lost:  # once per outage, not once per step
                 logger.warning("job %s: Redis is away, progress is not recorded; rendering on: %s", job_id, error)
             self._progress_lost = True
@@ -219,19 +224,20 @@ class GenerationService:
     def _cancel_requested(self, job_id: str) -> bool:
         try:
             return self.store.cancel_requested(job_id)
-        except redis.RedisError:
-            return False  # asked again at the next progress event
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False  # Redis is away (`_report_progress` says so): asked again at the next progress event
 
-    def _finish(self, job_id: str, attempt: int, state: str, **details: str) -> bool:
-        """Record the attempt's outcome; False when another attempt holds the job now."""
+    def _finish(self, job_id: str, attempt: int, state: str, event: dict[str, Any], **details: str) -> bool:
+        """Record the attempt's outcome and its terminal event, in one step; False when another attempt
+        holds the job now.
+
+        The worker first says it is idle: whoever reacts to the outcome (`imagine-admin queue`, the
+        bot's /queue) then sees it idle, not a heartbeat later."""
+        self._rendering = None
+        self._until_redis_answers("publishing this worker's status", self.publish_status)
         return self._until_redis_answers(
-            f"recording the job as {state}", lambda: self.store.finish(job_id, attempt, state, **details)
+            f"recording the job as {state}", lambda: self.store.finish(job_id, attempt, state, event, **details)
         )
-
-    def _announce(self, job_id: str, event: dict[str, Any]) -> None:
-        """The terminal event: what the bot and the CLI wait for, so it must be written."""
-        self._release_job()
-        self._until_redis_answers(f"announcing {event['type']}", lambda: self.store.append_event(job_id, event))
 
     def _until_redis_answers(self, what: str, call: Callable[[], T]) -> T:
         """Retry `call` through a Redis outage of up to REDIS_OUTAGE_S. Past that the job is given up;
@@ -247,13 +253,6 @@ class GenerationService:
                 logger.warning("%s: Redis is not answering (%s); trying again in %.1f s", what, error, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-    def _release_job(self) -> None:
-        """This worker is idle again: say so before announcing the job's outcome, so whoever reacts to the
-        outcome (`imagine-admin queue`, the bot's /queue) sees the worker idle, not a heartbeat later."""
-        self.current_job = None
-        self._progress_lost = False  # the next job's progress starts afresh
-        self._publish_status_quietly()
 
     def _run_claimed(self, job_id: str, raw_options: dict[str, Any], attempt: int) -> dict[str, Any]:
         record = self._until_redis_answers("reading the job", lambda: self.store.get(job_id))
@@ -318,8 +317,7 @@ class GenerationService:
                 logger.warning("job %s attempt %d stopped: %s", job_id, attempt, interrupted)
                 return {"job_id": job_id, "state": "superseded"}
             if interrupted.reason == "cancelled":
-                if self._finish(job_id, attempt, "cancelled", client=client):
-                    self._announce(job_id, {"type": "cancelled", "message": str(interrupted)})
+                self._finish(job_id, attempt, "cancelled", {"message": str(interrupted)}, client=client)
                 return {"job_id": job_id, "state": "cancelled"}
             return self._fail(job_id, attempt, client, interrupted.reason, str(interrupted))
         except Exception as error:
@@ -366,23 +364,19 @@ class GenerationService:
         }
         result = JobResult(meta=meta, images=[png for png in output.images if png is not None])
         self._until_redis_answers("storing the images", lambda: self.store.stage_result(job_id, attempt, result))
-        if not self._finish(job_id, attempt, "done", client=client):
+        done = {
+            "worker": self.worker_name,
+            "images": len(output.images),
+            "withheld": sum(png is None for png in output.images),
+            "render_s": meta["render_s"],
+            "queue_wait_s": meta["queue_wait_s"],
+            "warnings": output.warnings,
+        }
+        if not self._finish(job_id, attempt, "done", done, client=client):
             logger.warning("job %s attempt %d finished after it was taken over; result not announced", job_id, attempt)
             return {"job_id": job_id, "state": "superseded"}
         self._record_metric(self.store.record_duration, "render", output.render_s)
         self.jobs_done += 1
-        self._announce(
-            job_id,
-            {
-                "type": "done",
-                "worker": self.worker_name,
-                "images": len(output.images),
-                "withheld": sum(png is None for png in output.images),
-                "render_s": meta["render_s"],
-                "queue_wait_s": meta["queue_wait_s"],
-                "warnings": output.warnings,
-            },
-        )
         logger.info("job %s done in %.2f s on %s", job_id, output.render_s, self.worker_name)
         return {"job_id": job_id, "state": "done", "render_s": meta["render_s"]}
 
@@ -397,8 +391,8 @@ class GenerationService:
 
     def _fail(self, job_id: str, attempt: int, client: str, reason: str, message: str) -> dict[str, Any]:
         logger.warning("job %s failed (%s): %s", job_id, reason, message)
-        if self._finish(job_id, attempt, "failed", error=message, reason=reason, client=client):
-            self._announce(job_id, {"type": "failed", "reason": reason, "message": message})
+        event = {"reason": reason, "message": message}
+        self._finish(job_id, attempt, "failed", event, error=message, reason=reason, client=client)
         return {"job_id": job_id, "state": "failed", "reason": reason, "message": message}
 
     # Liveness --------------------------------------------------------------------------------
@@ -416,7 +410,7 @@ class GenerationService:
     def _requeue_if_dead(self, job_id: str, dead_before: float, dead_worker: str) -> None:
         attempt = self.store.requeue_if_dead(job_id, dead_before, self.settings.max_job_attempts, dead_worker)
         if attempt == -2:
-            self.store.append_event(job_id, {"type": "cancelled", "message": "Cancelled (its worker stopped)."})
+            logger.info("job %s lost its worker while being cancelled: cancelled", job_id)
         if attempt < 0:
             return
         record = self.store.get(job_id)
@@ -424,7 +418,6 @@ class GenerationService:
             return
         if attempt == 0:
             logger.error("job %s failed for good: %s", job_id, record.error)
-            self.store.append_event(job_id, {"type": "failed", "reason": "worker_lost", "message": record.error})
             return
         logger.warning("job %s lost its worker; queued again as attempt %d", job_id, attempt)
         self.store.append_event(
@@ -444,7 +437,7 @@ class GenerationService:
             "default_adapter": self.settings.default_adapter or None,
             "adapters": {name: asdict(adapter) for name, adapter in self.adapters.loaded.items()},
             "adapter_errors": dict(self.adapter_errors),
-            "current_job": self.current_job[0] if self.current_job else None,
+            "current_job": self._rendering,
             "jobs_done": self.jobs_done,
         }
 
