@@ -116,12 +116,10 @@ class JobRunner:
         await asyncio.gather(*self._followers.values(), return_exceptions=True)
 
     async def _follow(self, delivery: Delivery) -> None:
-        job = await asyncio.to_thread(self.client.job, delivery.job_id)
-        if job is None:
-            self.deliveries.remove(delivery.job_id)
-            return
-        prompt = job.options["prompt"]
+        prompt: str | None = None
         cursor = EventCursor()
+        ending: dict[str, Any] | None = None
+        """The terminal event, once read: kept until its delivery succeeds (the cursor is past it)."""
         latest: dict[str, Any] | None = None
         preview: bytes | None = None
         last_edit = 0.0
@@ -129,17 +127,31 @@ class JobRunner:
         redis_away = False
         while True:
             try:
-                events = await asyncio.to_thread(self.client.store.poll_events, delivery.job_id, cursor)
+                if prompt is None:
+                    job = await asyncio.to_thread(self.client.job, delivery.job_id)
+                    if job is None:
+                        await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
+                        return
+                    prompt = job.options["prompt"]
+                if ending is None:
+                    events = await asyncio.to_thread(self.client.store.poll_events, delivery.job_id, cursor)
+                    for event in events:
+                        if event["type"] in TERMINAL_EVENTS:
+                            ending = event
+                            break
+                        latest = event
+                        if event.get("preview_png"):
+                            preview = base64.b64decode(event["preview_png"])
                 if redis_away:
                     logger.info("job %s: Redis answers again; following on", delivery.job_id)
                     redis_away = False
-                for event in events:
-                    if event["type"] in TERMINAL_EVENTS:
-                        await self._finish(delivery, prompt, event)
+                if ending is not None:
+                    if failures and await asyncio.to_thread(self.client.job, delivery.job_id) is None:
+                        logger.warning("job %s: expired (RESULT_TTL_S) before it could be delivered", delivery.job_id)
+                        await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
                         return
-                    latest = event
-                    if event.get("preview_png"):
-                        preview = base64.b64decode(event["preview_png"])
+                    await self._finish(delivery, prompt, ending)
+                    return
                 if latest is not None and time.monotonic() - last_edit >= self.settings.progress_edit_interval_s:
                     await self._show_progress(delivery, prompt, latest, preview)
                     latest, preview, last_edit = None, None, time.monotonic()
@@ -151,14 +163,13 @@ class JobRunner:
                 # Redis restarting: the job's events wait in its stream. Look again soon, not after a backoff
                 # that would hold the result back long after Redis is back.
                 if not redis_away:
-                    logger.warning(
-                        "job %s: Redis is not answering (%s); following when it does", delivery.job_id, error
-                    )
+                    logger.warning("job %s: Redis is not answering (%s); waiting for it", delivery.job_id, error)
                 redis_away = True
                 await asyncio.sleep(REDIS_RETRY_S)
                 continue
             except Exception:
-                # Discord away for a moment, or an error of ours: keep the job and try again, more slowly each time.
+                # Discord refusing (a channel the bot may not post in) or away, or an error of ours: keep the
+                # job and try again, more slowly each time, until the result expires (RESULT_TTL_S).
                 failures += 1
                 logger.exception("job %s: following failed (%d in a row)", delivery.job_id, failures)
                 await asyncio.sleep(min(60.0, POLL_S * 2**failures))

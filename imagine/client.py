@@ -110,7 +110,6 @@ class ImagineClient:
             raise self._queue_full()
         if outcome == "owner_limit":
             raise TooManyPending(position, max_pending_for_owner)
-        self.store.append_event(job_id, {"type": "queued", "position": position})
         try:
             send_job(self.app, job_id, payload, attempt=1)
         except Exception:

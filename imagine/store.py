@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
 CreateOutcome = tuple[Literal["ok", "queue_full", "owner_limit"], int]
@@ -47,14 +49,27 @@ MAX_EVENTS = 2000
 REDIS_OUTAGE_S = 300.0
 """How long a worker holding a finished render, or a front end following a job, waits for Redis to come back."""
 
+# A job's events, written by the scripts that change its state in the same atomic step. The event's
+# "ts" is spliced in as the caller wrote it: cjson would round it to 14 digits, sometimes to an integer.
+_EVENTS = f"""
+local function event_json(job_id, now, fields)
+  return '{{"job_id":' .. cjson.encode(job_id) .. ',"ts":' .. now .. ',' .. string.sub(cjson.encode(fields), 2)
+end
+local function add_event(events, event, ttl)
+  redis.call('XADD', events, 'MAXLEN', '~', {MAX_EVENTS}, '*', 'event', event)
+  redis.call('EXPIRE', events, ttl)
+end
+"""
+
 # Ends a job: its final state, its place among the client's finished jobs, its count, and its terminal
 # event (what every follower waits for). The scripts that end a job start with this function, so all of
 # it happens in the one atomic step that ends the job: once, however many attempts, redeliveries and
 # cancels race for it, and never a final state without its event (nor an event twice).
 # keys: job, finished, counters, recent_failures, events.
 _END_JOB = f"""
-local function end_job(keys, state, reason, now, job_id, event_json, ttl)
+local function end_job(keys, state, reason, now, job_id, event, ttl)
   redis.call('HSET', keys[1], 'state', state, 'finished_at', now)
+  redis.call('EXPIRE', keys[1], ttl)  -- from the end: a late front end still finds the job and its outcome
   redis.call('ZADD', keys[2], now, job_id)
   if state == 'failed' then
     redis.call('HINCRBY', keys[3], 'failed:' .. reason, 1)
@@ -63,14 +78,14 @@ local function end_job(keys, state, reason, now, job_id, event_json, ttl)
   elseif state == 'cancelled' then
     redis.call('HINCRBY', keys[3], 'cancelled', 1)
   end
-  redis.call('XADD', keys[5], 'MAXLEN', '~', {MAX_EVENTS}, '*', 'event', event_json)
-  redis.call('EXPIRE', keys[5], ttl)
+  add_event(keys[5], event, ttl)
 end
 """
 
-# Queue a new job unless the queue, or its owner's share of it, is full.
-# KEYS: job, pending, running. ARGV: job id, options, client, owner, now, max queued,
-# max for the owner ('' for none), ttl, prefix of job keys (owners are read from the jobs queued or running).
+# Queue a new job unless the queue, or its owner's share of it, is full, with its first event.
+# KEYS: job, pending, running, events. ARGV: job id, options, client, owner, now, max queued,
+# max for the owner ('' for none), ttl, prefix of job keys (owners are read from the jobs queued or running:
+# keys the script names itself, which a single Redis allows and Redis Cluster would not).
 _CREATE = """
 local queued = redis.call('ZCARD', KEYS[2])
 if queued >= tonumber(ARGV[6]) then return {'queue_full', queued} end
@@ -87,7 +102,9 @@ redis.call('HSET', KEYS[1], 'state', 'queued', 'options', ARGV[2], 'client', ARG
            'attempt', 1, 'submitted_at', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-return {'ok', redis.call('ZRANK', KEYS[2], ARGV[1]) + 1}
+local position = redis.call('ZRANK', KEYS[2], ARGV[1]) + 1
+add_event(KEYS[4], event_json(ARGV[1], ARGV[5], {type = 'queued', position = position}), ARGV[8])
+return {'ok', position}
 """
 
 # Claim a queued job for one attempt. A message whose attempt is not the job's current one is a
@@ -122,7 +139,10 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[
   redis.call('DEL', KEYS[4])
   return 0
 end
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[5]) end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('RENAME', KEYS[4], KEYS[5])
+  redis.call('EXPIRE', KEYS[5], ARGV[8])
+end
 redis.call('HSET', KEYS[1], 'error', ARGV[4], 'reason', ARGV[5], 'finished_attempt', ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[6])
 end_job({KEYS[1], KEYS[3], KEYS[6], KEYS[7], KEYS[8]}, ARGV[2], ARGV[5], ARGV[3], ARGV[6], ARGV[7], ARGV[8])
@@ -171,11 +191,10 @@ if heartbeat and heartbeat > tonumber(ARGV[1]) and redis.call('HGET', KEYS[1], '
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
 local ending = {KEYS[1], KEYS[3], KEYS[5], KEYS[6], KEYS[7]}
-local ts = tonumber(ARGV[4])
 redis.call('SREM', KEYS[2], ARGV[3])
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   local message = 'Cancelled (its worker stopped).'
-  local event = cjson.encode({job_id = ARGV[3], ts = ts, type = 'cancelled', message = message})
+  local event = event_json(ARGV[3], ARGV[4], {type = 'cancelled', message = message})
   end_job(ending, 'cancelled', '', ARGV[4], ARGV[3], event, ARGV[6])
   return -2
 end
@@ -183,7 +202,7 @@ if attempt >= tonumber(ARGV[2]) then
   local message = 'This job stopped its worker ' .. attempt ..
                   ' times (killed or crashed mid-render), so it was not run again. Try a smaller size or fewer images.'
   redis.call('HSET', KEYS[1], 'reason', 'worker_lost', 'error', message)
-  local event = cjson.encode({job_id = ARGV[3], ts = ts, type = 'failed', reason = 'worker_lost', message = message})
+  local event = event_json(ARGV[3], ARGV[4], {type = 'failed', reason = 'worker_lost', message = message})
   end_job(ending, 'failed', 'worker_lost', ARGV[4], ARGV[3], event, ARGV[6])
   return 0
 end
@@ -278,20 +297,23 @@ class JobStore:
         self.redis = redis_client
         self.prefix = prefix
         self.ttl_s = ttl_s
-        self._create = redis_client.register_script(_CREATE)
+        self._create = redis_client.register_script(_EVENTS + _CREATE)
         self._claim = redis_client.register_script(_CLAIM)
-        self._finish = redis_client.register_script(_END_JOB + _FINISH)
-        self._cancel = redis_client.register_script(_END_JOB + _CANCEL)
-        self._requeue = redis_client.register_script(_END_JOB + _REQUEUE)
+        self._finish = redis_client.register_script(_EVENTS + _END_JOB + _FINISH)
+        self._cancel = redis_client.register_script(_EVENTS + _END_JOB + _CANCEL)
+        self._requeue = redis_client.register_script(_EVENTS + _END_JOB + _REQUEUE)
         self._heartbeat = redis_client.register_script(_HEARTBEAT)
 
     @classmethod
     def from_url(cls, url: str, prefix: str, ttl_s: int) -> JobStore:
-        """A store on the Redis at `url`. A command is not retried here (redis-py's `from_url` does not):
-        what must survive an outage retries at its own level (the worker's outcome, `follow`)."""
+        """A store on the Redis at `url`. A command is not retried here, where a retry after a lost answer
+        could do a write twice: what must survive an outage retries at its own level, knowing what it
+        writes (the worker's claim and outcome, `follow`)."""
         # A timeout, so that a half-open connection fails a call instead of hanging a worker or the bot;
         # a short connect timeout, so that with Redis's host gone the bot still answers within Discord's 3 s.
-        client = redis.Redis.from_url(url, health_check_interval=30, socket_timeout=30, socket_connect_timeout=2)
+        client = redis.Redis.from_url(
+            url, health_check_interval=30, socket_timeout=30, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
         return cls(client, prefix, ttl_s)
 
     def now(self) -> float:
@@ -329,7 +351,7 @@ class JobStore:
 
         The checks and the write are one atomic step: submissions racing each other cannot pass a
         limit together."""
-        keys = [self.key("job", job_id), self.key("pending"), self.key("running")]
+        keys = [self.key("job", job_id), self.key("pending"), self.key("running"), self.key("job", job_id, "events")]
         limit = "" if max_for_owner is None else max_for_owner
         job_prefix = self.key("job", "")
         args = [job_id, json.dumps(options), client, owner, self.now(), max_queued, limit, self.ttl_s, job_prefix]

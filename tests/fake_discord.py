@@ -213,6 +213,9 @@ class FakeDiscord:
         }
         self._messages: dict[int, dict] = {}
         self._channel_posts: dict[int, list[dict]] = {}
+        self._channels_without_posting: set[int] = set()
+        self.refused_posts = 0
+        """Channel messages refused with 403 Missing Permissions."""
         self._attachments: dict[int, bytes] = {}
         self._interactions: dict[str, FakeInteraction] = {}
         self._by_token: dict[str, FakeInteraction] = {}
@@ -368,6 +371,11 @@ class FakeDiscord:
 
     def interaction(self, interaction_id: str | int) -> FakeInteraction:
         return self._interactions[str(interaction_id)]
+
+    def set_bot_may_post(self, channel_id: int, allowed: bool) -> None:
+        """Take the bot's Send Messages in a channel away, or give it back, as a server admin would."""
+        with self._lock:
+            (self._channels_without_posting.discard if allowed else self._channels_without_posting.add)(channel_id)
 
     # What the bot did -----------------------------------------------------------------------------------------
 
@@ -1198,6 +1206,9 @@ class FakeDiscord:
         body, files = await self._read_body(request)
         with self._lock:
             self._channel(channel_id)
+            if int(channel_id) in self._channels_without_posting:
+                self.refused_posts += 1
+                raise _ApiError(403, 50013, "Missing Permissions")
             reference = body.get("message_reference")
             referenced = None
             if reference:

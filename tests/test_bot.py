@@ -151,9 +151,14 @@ def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
     assert labels == ["Reroll", "Variations of 1", "Variations of 2", "Delete"]
     # The bot's log follows the job by its id, as the worker's does.
     job_id = message["components"][0]["components"][0]["custom_id"].split(":")[3]
-    job_lines = [line for line in bot.log_path.read_text().splitlines() if job_id in line]
-    assert any("submitted" in line for line in job_lines) and any("delivered" in line for line in job_lines)
-    assert all(f"job={job_id}" in line for line in job_lines), job_lines
+
+    def job_lines() -> list[str]:
+        return [line for line in bot.log_path.read_text().splitlines() if job_id in line]
+
+    # The bot logs the delivery once Discord has the message: a moment after the test sees it there.
+    wait_for(lambda: any("delivered" in line for line in job_lines()), 10, "the bot to log the delivery")
+    assert any("submitted" in line for line in job_lines())
+    assert all(f"job={job_id}" in line for line in job_lines()), job_lines()
 
     # The bytes are exactly what the service renders for that seed, from any front end.
     client = ImagineClient(settings)
@@ -212,7 +217,12 @@ def test_result_after_the_token_expired_is_posted_in_the_channel(discord_env):
     interaction = fake.interaction(interaction_id)
     fake.wait_for(lambda: "Queued" in (interaction.original or {}).get("content", ""), what="the job to be queued")
     fake.expire_interaction(interaction_id)
-    wait_idle(settings, busy)
+    fake.set_bot_may_post(fake.channel_id, False)  # an admin took Send Messages away meanwhile
+    try:
+        wait_idle(settings, busy)
+        fake.wait_for(lambda: fake.refused_posts >= 2, timeout=60, what="the bot to try, and try again")
+    finally:
+        fake.set_bot_may_post(fake.channel_id, True)  # ...and gives it back: the bot delivers, no restart needed
     posted = fake.wait_for(
         lambda: [m for m in fake.channel_messages(fake.channel_id) if m.get("embeds")],
         timeout=60,

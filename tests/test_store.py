@@ -26,7 +26,8 @@ def test_claim_runs_one_attempt_once(store):
     assert store.finish("j", 1, "done", {"images": 1}, client="cli")
     assert not store.finish("j", 1, "failed", client="cli")
     assert store.finish("j", 1, "done", {"images": 1}, client="cli")  # sent again, for the same reason
-    assert [(event["type"], event["images"]) for _, event in store.read_events("j")] == [("done", 1)]
+    events = [event for _, event in store.read_events("j")]
+    assert [(event["type"], event.get("images")) for event in events] == [("queued", None), ("done", 1)]
     assert store.get("j").state == "done" and store.undelivered("cli") == ["j"]
 
 
@@ -126,17 +127,22 @@ def test_an_attempt_that_lost_its_job_is_not_told_it_finished_it(store):
     assert not store.finish("j", 1, "failed", late, error="too slow", reason="timeout", client="cli")
     assert store.get("j").reason == "worker_lost"
     events = [event for _, event in store.read_events("j")]
-    assert [(event["type"], event["reason"]) for event in events] == [("failed", "worker_lost")]
-    assert "stopped its worker 1 times" in events[0]["message"]
+    assert [(event["type"], event.get("reason")) for event in events] == [("queued", None), ("failed", "worker_lost")]
+    assert "stopped its worker 1 times" in events[1]["message"]
 
 
 def test_a_job_ends_with_exactly_one_terminal_event(store):
     store.create("queued", {"prompt": "x"}, "cli", "", max_queued=10)
     assert store.cancel("queued") == "cancelled" and store.cancel("queued") == "cancelled"
-    assert [event["type"] for _, event in store.read_events("queued")] == ["cancelled"]
+    queued = [event for _, event in store.read_events("queued")]
+    assert [(event["type"], event.get("position")) for event in queued] == [("queued", 1), ("cancelled", None)]
     store.create("running", {"prompt": "x"}, "cli", "", max_queued=10)
     assert store.claim("running", 1, "w1") == "ok" and store.cancel("running") == "cancelling"
+    store.redis.expire(store.key("job", "running"), 5)  # a job that waited and rendered for nearly RESULT_TTL_S
     assert store.requeue_if_dead("running", time.time() + 1, max_attempts=3) == -2  # its worker died meanwhile
     assert not store.finish("running", 1, "cancelled", client="cli")  # the worker, back, comes too late
     events = [event for _, event in store.read_events("running")]
-    assert [event["type"] for event in events] == ["cancelled"] and events[0]["job_id"] == "running"
+    assert [event["type"] for event in events] == ["queued", "cancelled"] and events[1]["job_id"] == "running"
+    # Written by Lua: "ts" stays Redis's clock to the microsecond, a float like every event's.
+    assert all(isinstance(event["ts"], float) for event in queued + events)
+    assert store.redis.ttl(store.key("job", "running")) > 50  # the end of a job renews its time in Redis

@@ -81,7 +81,8 @@ class GenerationService:
         self.app = app
         self.device = device
         self.current_job: tuple[str, int] | None = None
-        """(job id, attempt) claimed and not yet finished, read by the janitor thread (heartbeats)."""
+        """(job id, attempt) claimed by the job in hand, until its run ends: the janitor heartbeats it and
+        never takes it for a dead worker's."""
         self._rendering: str | None = None
         """The job this worker renders, as its status shows it: cleared before the outcome is announced."""
         self._progress_lost = False
@@ -234,7 +235,7 @@ class GenerationService:
         The worker first says it is idle: whoever reacts to the outcome (`imagine-admin queue`, the
         bot's /queue) then sees it idle, not a heartbeat later."""
         self._rendering = None
-        self._until_redis_answers("publishing this worker's status", self.publish_status)
+        self._publish_status_quietly()
         return self._until_redis_answers(
             f"recording the job as {state}", lambda: self.store.finish(job_id, attempt, state, event, **details)
         )
@@ -372,11 +373,13 @@ class GenerationService:
             "queue_wait_s": meta["queue_wait_s"],
             "warnings": output.warnings,
         }
+        # Counted before the outcome is announced, so that whoever reacts to it (`imagine-admin queue`, the
+        # exporter) reads numbers that include it. A superseded attempt (rare) is counted too: it did render.
+        self._record_metric(self.store.record_duration, "render", output.render_s)
+        self.jobs_done += 1
         if not self._finish(job_id, attempt, "done", done, client=client):
             logger.warning("job %s attempt %d finished after it was taken over; result not announced", job_id, attempt)
             return {"job_id": job_id, "state": "superseded"}
-        self._record_metric(self.store.record_duration, "render", output.render_s)
-        self.jobs_done += 1
         logger.info("job %s done in %.2f s on %s", job_id, output.render_s, self.worker_name)
         return {"job_id": job_id, "state": "done", "render_s": meta["render_s"]}
 
