@@ -15,9 +15,10 @@ from bot.deliveries import DeliveryStore
 from bot.jobs import JobRunner
 from bot.limits import UserLimits
 from bot.settings import BotSettings
-from imagine.client import REDIS_UNREACHABLE, ImagineClient
+from imagine.client import ImagineClient
 from imagine.contract import JobRejected
 from imagine.logs import job_context
+from imagine.store import REDIS_UNREACHABLE
 
 logger = logging.getLogger(__name__)
 

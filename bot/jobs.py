@@ -19,10 +19,10 @@ import discord
 from bot import messages
 from bot.deliveries import INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
 from bot.limits import UserLimits
-from imagine.client import REDIS_UNREACHABLE, ImagineClient
+from imagine.client import ImagineClient
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.logs import job_context
-from imagine.store import TERMINAL_EVENTS, EventCursor
+from imagine.store import REDIS_UNREACHABLE, TERMINAL_EVENTS, EventCursor
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -118,8 +118,8 @@ class JobRunner:
     async def _follow(self, delivery: Delivery) -> None:
         prompt: str | None = None
         cursor = EventCursor()
+        # The terminal event, once read: kept until its delivery succeeds (the cursor is already past it).
         ending: dict[str, Any] | None = None
-        """The terminal event, once read: kept until its delivery succeeds (the cursor is past it)."""
         latest: dict[str, Any] | None = None
         preview: bytes | None = None
         last_edit = 0.0

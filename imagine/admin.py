@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from imagine.client import EXIT_UNREACHABLE, REDIS_UNREACHABLE, ImagineClient, ReloadOutcome, unreachable_message
+from imagine.client import EXIT_UNREACHABLE, ImagineClient, ReloadOutcome, unreachable_message
 from imagine.settings import ServiceSettings
-from imagine.store import DurationStats
+from imagine.store import REDIS_UNREACHABLE, DurationStats
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

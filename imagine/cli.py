@@ -9,9 +9,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from imagine.client import EXIT_UNREACHABLE, REDIS_UNREACHABLE, ImagineClient, unreachable_message
+from imagine.client import EXIT_UNREACHABLE, ImagineClient, unreachable_message
 from imagine.contract import NO_ADAPTER, SCHEDULERS, JobRejected
 from imagine.settings import ServiceSettings
+from imagine.store import REDIS_UNREACHABLE
 
 EXIT_FAILED, EXIT_REFUSED, EXIT_CANCELLED = 1, 2, 3
 

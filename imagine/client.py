@@ -12,14 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
+from kombu.utils.url import maybe_sanitize_url
 
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.queue import RELOAD_COMMAND, make_celery, send_job
 from imagine.settings import ServiceSettings
 from imagine.store import DurationStats, JobRecord, JobResult, JobStore, ServiceCounters
 
-REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 EXIT_UNREACHABLE = 4
 """Exit status of `imagine` and `imagine-admin` when they cannot reach Redis."""
 
@@ -27,7 +26,7 @@ EXIT_UNREACHABLE = 4
 def unreachable_message(settings: ServiceSettings, error: Exception) -> str:
     """What to tell a person whose command found no Redis to talk to."""
     return (
-        f"cannot reach Redis at {settings.redis_url_to_show} ({error}). "
+        f"cannot reach Redis at {maybe_sanitize_url(settings.redis_url, mask='***')} ({error}). "
         "Is it running? Start `redis-server`, or set REDIS_URL to the service's Redis."
     )
 

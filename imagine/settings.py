@@ -6,8 +6,6 @@ passes it down; nothing else reads the environment.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,14 +45,6 @@ class ServiceSettings(BaseSettings):
             max_side=self.max_side,
             max_pixels=self.max_pixels,
         )
-
-    @property
-    def redis_url_to_show(self) -> str:
-        """REDIS_URL fit for a message or a log: without its password (compose's Redis requires one)."""
-        url = urlsplit(self.redis_url)
-        if url.password is None:
-            return self.redis_url
-        return url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)).geturl()
 
     @property
     def visibility_timeout_s(self) -> int:

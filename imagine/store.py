@@ -34,6 +34,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+"""What a call raises while Redis is away (restarting, or not there at all)."""
 CreateOutcome = tuple[Literal["ok", "queue_full", "owner_limit"], int]
 FAILURE_REASONS = ("rejected", "adapter", "out_of_memory", "timeout", "worker_lost", "internal")
 """Why a job failed: refused options, a missing or refused adapter, out of memory, over JOB_TIME_LIMIT_S,
@@ -529,7 +531,7 @@ class JobStore:
         while True:
             try:
                 events = self.poll_events(job_id, cursor, block_ms=int(poll_s * 1000))
-            except (redis.ConnectionError, redis.TimeoutError):
+            except REDIS_UNREACHABLE:
                 unreachable_since = unreachable_since or time.monotonic()
                 if time.monotonic() - unreachable_since > outage_s:
                     raise

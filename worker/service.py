@@ -21,7 +21,7 @@ from celery import Celery
 from imagine.contract import JobRejected, parse_job_options
 from imagine.logs import job_context
 from imagine.queue import send_job
-from imagine.store import REDIS_OUTAGE_S, JobResult, JobStore
+from imagine.store import REDIS_OUTAGE_S, REDIS_UNREACHABLE, JobResult, JobStore
 from worker.adapters import AdapterError, AdapterRegistry, list_adapters
 from worker.pipeline import choose_placement, load_pipeline
 from worker.renderer import JobInterrupted, Renderer, free_memory, is_out_of_memory, latent_preview
@@ -213,7 +213,7 @@ class GenerationService:
     def _report_progress(self, job_id: str, event: dict[str, Any]) -> None:
         try:
             self.store.append_event(job_id, event)
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except REDIS_UNREACHABLE as error:
             if not self._progress_lost:  # once per outage, not once per step
                 logger.warning("job %s: Redis is away, progress is not recorded; rendering on: %s", job_id, error)
             self._progress_lost = True
@@ -225,7 +225,7 @@ class GenerationService:
     def _cancel_requested(self, job_id: str) -> bool:
         try:
             return self.store.cancel_requested(job_id)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except REDIS_UNREACHABLE:
             return False  # Redis is away (`_report_progress` says so): asked again at the next progress event
 
     def _finish(self, job_id: str, attempt: int, state: str, event: dict[str, Any], **details: str) -> bool:
@@ -248,7 +248,7 @@ class GenerationService:
         while True:
             try:
                 return call()
-            except (redis.ConnectionError, redis.TimeoutError) as error:
+            except REDIS_UNREACHABLE as error:
                 if time.monotonic() + delay > deadline:
                     raise
                 logger.warning("%s: Redis is not answering (%s); trying again in %.1f s", what, error, delay)
@@ -474,7 +474,7 @@ class GenerationService:
                     if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                         last_prune = time.monotonic()
                         self.store.prune()
-                except (redis.ConnectionError, redis.TimeoutError) as error:  # Redis away: try again next beat
+                except REDIS_UNREACHABLE as error:  # Redis away: try again next beat
                     if not redis_away:
                         logger.warning("heartbeats stopped: Redis is not answering (%s)", error)
                     redis_away = True
