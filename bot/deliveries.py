@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 
+from imagine.logs import OncePerKey
 from imagine.store import JobStore
 
+logger = logging.getLogger(__name__)
+
 INTERACTION_TOKEN_LIFETIME_S = 15 * 60
-DELIVERY_CLAIM_S = 300
+DELIVERY_CLAIM_S = 30
+"""How long the right to deliver a job lasts; the delivering bot renews it while it works."""
 TOKEN_MARGIN_S = 30
 """Past this much before its expiry, a token is not trusted for a final edit that may need uploads."""
 
@@ -37,6 +42,7 @@ class DeliveryStore:
         self.ttl_s = store.ttl_s
         self._index = store.key("bot", "deliveries")
         self._prefix = store.key("bot", "delivery")
+        self._unreadable = OncePerKey(logger)
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}:{job_id}"
@@ -48,8 +54,16 @@ class DeliveryStore:
             pipe.execute()
 
     def get(self, job_id: str) -> Delivery | None:
-        raw = self.redis.get(self._key(job_id))
-        return Delivery(**json.loads(raw)) if raw else None
+        """Where the job goes; None when there is no record, or it cannot be read (logged once)."""
+        key = self._key(job_id)
+        raw = self.redis.get(key)
+        if not raw:
+            return None
+        try:
+            return Delivery(**json.loads(raw))
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
+            self._unreadable.warning(key, "skipping an unreadable delivery record at %s: %s", key, error)
+            return None
 
     def pending(self) -> list[Delivery]:
         """Every job the bot still has to deliver, oldest records first; expired ones are dropped."""
@@ -62,12 +76,18 @@ class DeliveryStore:
                 deliveries.append(delivery)
         return sorted(deliveries, key=lambda delivery: delivery.token_expires_at)
 
+    def _claim_key(self, job_id: str) -> str:
+        return f"{self._prefix}:{job_id}:delivering"
+
     def claim(self, job_id: str) -> bool:
-        """Take the right to deliver a job for a few minutes: two bot processes never deliver the same job."""
-        return bool(self.redis.set(f"{self._prefix}:{job_id}:delivering", 1, nx=True, ex=DELIVERY_CLAIM_S))
+        """Take the right to deliver a job for DELIVERY_CLAIM_S: two bot processes never deliver the same job."""
+        return bool(self.redis.set(self._claim_key(job_id), 1, nx=True, ex=DELIVERY_CLAIM_S))
+
+    def renew_claim(self, job_id: str) -> None:
+        self.redis.expire(self._claim_key(job_id), DELIVERY_CLAIM_S)
 
     def release(self, job_id: str) -> None:
-        self.redis.delete(f"{self._prefix}:{job_id}:delivering")
+        self.redis.delete(self._claim_key(job_id))
 
     def remove(self, job_id: str) -> None:
         with self.redis.pipeline() as pipe:

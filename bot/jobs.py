@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot import messages
-from bot.deliveries import INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
+from bot.deliveries import DELIVERY_CLAIM_S, INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
 from bot.limits import UserLimits
 from imagine.client import ImagineClient
 from imagine.contract import JobOptions, JobRejected, parse_job_options
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
 REDIS_RETRY_S = 2.0
+STOP_GRACE_S = 30.0
+"""How long a stopping bot waits for the deliveries under way to finish."""
 
 
 class JobRunner:
@@ -41,28 +43,30 @@ class JobRunner:
         self.limits = limits
         self.settings = bot.settings
         self._followers: dict[str, asyncio.Task] = {}
+        self._delivering: set[str] = set()
+        """Jobs whose outcome is being delivered right now: a stop lets them finish."""
+        self._stopping = False
 
     # Submitting ------------------------------------------------------------------------------
 
     async def submit(self, interaction: discord.Interaction, options: dict[str, Any]) -> None:
-        """Check, acknowledge, enqueue and follow one job for the user of `interaction`.
+        """Check, enqueue, acknowledge and follow one job for the user of `interaction`.
 
-        Refusals (a bad option, a limit, a full queue) are ephemeral replies; they come before the
-        deferral so that only the requester sees them. The limits are checked again, atomically, as the
-        job is created: a submission that lost a race there gets its refusal in the deferred reply."""
+        The job is recorded (with the queue cap and the user's pending limit checked in the same atomic
+        step) before the interaction is answered, so that a refusal is always the first answer, and
+        ephemeral: only the requester sees it, however many submissions of theirs race."""
+        user_id = interaction.user.id
         limited = not (self.settings.admins_exempt_from_limits and self.bot.is_admin(interaction))
         try:
             checked = parse_job_options(options, self.client.settings.limits)
-            await asyncio.to_thread(self.client.ensure_room)
             if limited:
-                await asyncio.to_thread(self.limits.admit, interaction.user.id)
+                await asyncio.to_thread(self.limits.admit, user_id)
         except JobRejected as refusal:
             await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
             return
-        await interaction.response.defer(thinking=True)
         delivery = Delivery(
             job_id=self.client.new_job_id(),
-            user_id=interaction.user.id,
+            user_id=user_id,
             channel_id=interaction.channel_id,
             application_id=interaction.application_id,
             interaction_token=interaction.token,
@@ -79,24 +83,31 @@ class JobRunner:
         owner = str(interaction.user.id)
         try:
             job = await asyncio.to_thread(self.client.submit, checked, owner, delivery.job_id, max_pending)
-        except JobRejected as refusal:  # the queue, or the user's share of it, filled up since the checks above
+        except JobRejected as refusal:  # the queue, or the user's share of it, is full
             await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
-            await interaction.edit_original_response(content=f"⚠️ {refusal}")
+            if max_pending is not None:
+                await asyncio.to_thread(self.limits.forgive, interaction.user.id)
+            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
             return
+        logger.info("job %s submitted by user %s", job.job_id, interaction.user.id)
+        queued = {"type": "queued", "position": job.position}
         try:
+            await interaction.response.send_message(
+                messages.progress_text(checked.prompt, queued),
+                view=messages.progress_view(job.job_id, delivery.user_id),
+            )
             delivery.message_id = (await interaction.original_response()).id
-            self.deliveries.save(delivery)
+            await asyncio.to_thread(self.deliveries.save, delivery)
         except discord.HTTPException as error:
             logger.warning(
                 "job %s: no message to edit (%s); the result will go to the channel", job.job_id, error.status
             )
-        logger.info("job %s submitted by user %s", job.job_id, interaction.user.id)
         self.follow(delivery)
 
     # Following -------------------------------------------------------------------------------
 
     def follow(self, delivery: Delivery) -> None:
-        if delivery.job_id not in self._followers:
+        if delivery.job_id not in self._followers and not self._stopping:
             # The task copies the context it is created in: its log lines carry the job id.
             with job_context(delivery.job_id):
                 task = asyncio.create_task(self._follow(delivery), name=f"follow-{delivery.job_id}")
@@ -111,9 +122,18 @@ class JobRunner:
         return len(pending)
 
     async def stop(self) -> None:
-        for task in list(self._followers.values()):
+        """Stop following jobs; a delivery under way is finished first (for up to STOP_GRACE_S)."""
+        self._stopping = True
+        followers = list(self._followers.items())
+        if not followers:
+            return
+        for job_id, task in followers:
+            if job_id not in self._delivering:
+                task.cancel()
+        _, unfinished = await asyncio.wait([task for _, task in followers], timeout=STOP_GRACE_S)
+        for task in unfinished:
             task.cancel()
-        await asyncio.gather(*self._followers.values(), return_exceptions=True)
+        await asyncio.gather(*(task for _, task in followers), return_exceptions=True)
 
     async def _follow(self, delivery: Delivery) -> None:
         prompt: str | None = None
@@ -156,7 +176,12 @@ class JobRunner:
                     await self._show_progress(delivery, prompt, latest, preview)
                     latest, preview, last_edit = None, None, time.monotonic()
                 failures = 0
-            except LookupError:
+            except LookupError as error:  # its record expired, or Redis restarted without its data
+                logger.warning("job %s: %s; not following it any more", delivery.job_id, error)
+                if prompt is not None and delivery.editable:
+                    lost = f"**{messages.short_prompt(prompt)}**\n❌ The service lost this job; use /imagine again."
+                    with contextlib.suppress(discord.HTTPException):
+                        await self._webhook(delivery).edit_message(delivery.message_id, content=lost, view=None)
                 await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
                 return
             except REDIS_UNREACHABLE as error:
@@ -192,15 +217,31 @@ class JobRunner:
             )
 
     async def _finish(self, delivery: Delivery, prompt: str, event: dict[str, Any]) -> None:
-        if not await asyncio.to_thread(self.deliveries.claim, delivery.job_id):
-            return  # another bot process is delivering it right now
+        while not await asyncio.to_thread(self.deliveries.claim, delivery.job_id):
+            # Another bot process is delivering it, or died doing so: its claim then runs out unrenewed.
+            if await asyncio.to_thread(self.deliveries.get, delivery.job_id) is None:
+                return  # it delivered the job
+            await asyncio.sleep(REDIS_RETRY_S)
+        self._delivering.add(delivery.job_id)
+        # The claim is short, and renewed while the delivery runs: after a crash mid-delivery, a restarted bot
+        # takes the job over within DELIVERY_CLAIM_S instead of waiting out a long claim.
+        renewal = asyncio.create_task(self._renew_claim(delivery.job_id))
         try:
             await self._deliver_outcome(delivery, prompt, event)
         except BaseException:
             await asyncio.to_thread(self.deliveries.release, delivery.job_id)  # let the retry deliver it
             raise
+        finally:
+            renewal.cancel()
+            self._delivering.discard(delivery.job_id)
         await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
         logger.info("job %s delivered (%s)", delivery.job_id, event["type"])
+
+    async def _renew_claim(self, job_id: str) -> None:
+        while True:
+            await asyncio.sleep(DELIVERY_CLAIM_S / 3)
+            with contextlib.suppress(*REDIS_UNREACHABLE):  # the next renewal tries again
+                await asyncio.to_thread(self.deliveries.renew_claim, job_id)
 
     async def _deliver_outcome(self, delivery: Delivery, prompt: str, event: dict[str, Any]) -> None:
         if event["type"] == "done":

@@ -1,14 +1,16 @@
 """Per-user limits that keep the service usable under load: pending jobs and a cooldown.
 
 With at most `MAX_PENDING_PER_USER` jobs each, one user's twenty submissions cannot fill the queue
-ahead of everyone else. Both limits live in Redis, so a bot restart does not reset them.
+ahead of everyone else. The pending count is checked by the service itself, in the same atomic step
+that records the job (`ImagineClient.submit`); the cooldown is the bot's, here. Both live in Redis, so
+a bot restart does not reset them.
 """
 
 from __future__ import annotations
 
 import math
 
-from imagine.client import ImagineClient, TooManyPending
+from imagine.client import ImagineClient
 from imagine.contract import JobRejected
 
 
@@ -20,17 +22,21 @@ class UserLimits:
     def __init__(self, client: ImagineClient, max_pending: int, cooldown_s: float) -> None:
         self.client = client
         self.max_pending = max_pending
+        """Passed to `submit`, which counts the user's jobs queued or rendering as it records a new one."""
         self.cooldown_s = cooldown_s
 
+    def _cooldown_key(self, user_id: int) -> str:
+        return self.client.store.key("bot", "cooldown", str(user_id))
+
     def admit(self, user_id: int) -> None:
-        """Count a new submission of `user_id`, or raise TooManyPending or LimitReached saying when to try
-        again. The pending count is checked again, atomically, when the job is created."""
-        pending = self.client.pending_for_owner(str(user_id))
-        if len(pending) >= self.max_pending:
-            raise TooManyPending(len(pending), self.max_pending)
+        """Start the user's cooldown, or raise LimitReached saying when to try again."""
         if self.cooldown_s <= 0:
             return
-        key = self.client.store.key("bot", "cooldown", str(user_id))
+        key = self._cooldown_key(user_id)
         if not self.client.store.redis.set(key, 1, nx=True, px=int(self.cooldown_s * 1000)):
             wait_ms = max(self.client.store.redis.pttl(key), 0)
             raise LimitReached(f"Slow down a little: try again in {math.ceil(wait_ms / 1000)} s.")
+
+    def forgive(self, user_id: int) -> None:
+        """Lift the cooldown of a submission the service refused (a full queue): it did not run."""
+        self.client.store.redis.delete(self._cooldown_key(user_id))

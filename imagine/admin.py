@@ -8,7 +8,7 @@ import time
 
 from imagine.client import EXIT_UNREACHABLE, ImagineClient, ReloadOutcome, unreachable_message
 from imagine.settings import ServiceSettings
-from imagine.store import REDIS_UNREACHABLE, DurationStats
+from imagine.store import DEAD_LETTERS_KEPT, REDIS_UNREACHABLE, DurationStats
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -36,15 +36,19 @@ def format_adapters(client: ImagineClient) -> str:
     rows = []
     for worker, status in sorted(client.workers().items()):
         default = status.get("default_adapter")
+        errors = status.get("adapter_errors", {})
         for name, adapter in sorted(status["adapters"].items()):
             marker = " (default)" if name == default else ""
-            rows.append([worker, name + marker, adapter["version"], adapter["layout"], "ok"])
-        for name, error in sorted(status.get("adapter_errors", {}).items()):
+            # A refused reload leaves the previous version serving: both are worth seeing.
+            state = f"serving; its new files were REFUSED: {errors[name]}" if name in errors else "ok"
+            file = adapter.get("file", "-")
+            rows.append([worker, name + marker, adapter["version"], adapter["layout"], file, state])
+        for name, error in sorted(errors.items()):
             if name not in status["adapters"]:
-                rows.append([worker, name, "-", "-", f"REFUSED: {error}"])
+                rows.append([worker, name, "-", "-", "-", f"REFUSED: {error}"])
     if not rows:
         return "no adapters loaded (or no worker online)"
-    return _table(rows, ["worker", "adapter", "version", "layout", "state"])
+    return _table(rows, ["worker", "adapter", "version", "layout", "file", "state"])
 
 
 def _by_label(counts: dict[str, int]) -> str:
@@ -67,6 +71,7 @@ def format_queue(client: ImagineClient) -> str:
     failed_total = sum(counters.failures.values())
     failed_last_hour = sum(stats.failures_last_hour.values())
     loads = counters.adapter_loads
+    refused = sum(counters.dead_letters.values())
     lines = [
         f"queued:          {stats.queued}",
         f"running:         {len(stats.running)}",
@@ -80,10 +85,36 @@ def format_queue(client: ImagineClient) -> str:
         + (f" ({_by_label(counters.failures)})" if failed_total else ""),
         f"cancelled:       {counters.cancelled}",
         f"adapter loads:   {loads['loaded']} loaded, {loads['unchanged']} unchanged, {loads['failed']} failed",
+        f"dead letters:    {refused}"
+        + (f" ({_by_label(counters.dead_letters)}; see imagine-admin dead-letters)" if refused else ""),
     ]
+    for letter in stats.dead_letters[:3]:
+        lines.append(f"  refused {_when(letter.get('at'))}: {letter.get('kind')}: {letter.get('reason')}")
     for name, status in sorted(stats.workers.items()):
         busy = f"busy with {status['current_job']}" if status.get("current_job") else "idle"
         lines.append(f"  {name}: {busy}, {status['jobs_done']} jobs done, {status['device']}, {status['base_model']}")
+    return "\n".join(lines)
+
+
+def _when(timestamp: object) -> str:
+    if not isinstance(timestamp, (int, float)):
+        return "at an unknown time"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def format_dead_letters(client: ImagineClient, with_messages: bool) -> str:
+    """The queue messages workers refused, newest first: when, which worker, why, and the message itself."""
+    letters = client.store.dead_letters()
+    if not letters:
+        return "no refused messages"
+    lines = []
+    for letter in letters:
+        lines.append(
+            f"{_when(letter.get('at'))}  {letter.get('worker', '-')}  {letter.get('kind')}  "
+            f"task {letter.get('task_id') or '-'}  {letter.get('bytes')} bytes: {letter.get('reason')}"
+        )
+        if with_messages:
+            lines.append(f"    {letter.get('message')}")
     return "\n".join(lines)
 
 
@@ -96,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("adapters", help="The adapters each worker has loaded, with their versions.")
     commands.add_parser(
         "queue", help="Queue depth, running jobs, workers, render and wait times, failures, adapter loads."
+    )
+    letters_parser = commands.add_parser(
+        "dead-letters", help=f"The last {DEAD_LETTERS_KEPT} queue messages workers refused as not a job of ours."
+    )
+    letters_parser.add_argument(
+        "--messages", action="store_true", help="Show each message as it was on the queue (it may hold a prompt)."
     )
     metrics_parser = commands.add_parser(
         "metrics", help="Serve the same numbers as `queue` for Prometheus, at http://ADDRESS:PORT/metrics."
@@ -122,6 +159,8 @@ def run_command(args: argparse.Namespace, client: ImagineClient, parser: argpars
         return 1 if refused or not outcome.answers else 0
     if args.command == "adapters":
         print(format_adapters(client))
+    elif args.command == "dead-letters":
+        print(format_dead_letters(client, args.messages))
     elif args.command == "metrics":
         try:
             from imagine.metrics import serve_metrics

@@ -105,8 +105,11 @@ def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nimagine: {client.cancel(job.job_id)} job {job.job_id}", file=sys.stderr)
         return EXIT_CANCELLED
-    except LookupError as error:  # Redis restarted without its data, or the job outlived RESULT_TTL_S
-        print(f"imagine: {error}", file=sys.stderr)
+    except LookupError as error:
+        print(
+            f"imagine: {error} (Redis restarted without its data, or it outlived RESULT_TTL_S); submit it again",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     except REDIS_UNREACHABLE as error:
         print(f"imagine: job {job.job_id} was queued, then Redis went away: {error}", file=sys.stderr)

@@ -65,6 +65,8 @@ class QueueStats:
     """From a job's submission until a worker started it (again, for a job requeued after its worker died)."""
     counters: ServiceCounters
     failures_last_hour: dict[str, int]
+    dead_letters: list[dict[str, Any]]
+    """The latest queue messages workers refused, newest first."""
 
     @property
     def recent_render_s(self) -> float | None:
@@ -161,6 +163,7 @@ class ImagineClient:
             queue_wait=self.store.durations("queue_wait"),
             counters=self.store.counters(),
             failures_last_hour=self.store.recent_failures(),
+            dead_letters=self.store.dead_letters(count=3),
         )
 
     def reload_adapters(self, adapter: str | None = None, timeout_s: float = 30.0) -> ReloadOutcome:

@@ -42,3 +42,21 @@ def tag_job_ids(handlers: list[logging.Handler]) -> None:
     """Let these handlers format `%(job)s` (LOG_FORMAT)."""
     for handler in handlers:
         handler.addFilter(JobIdFilter())
+
+
+class OncePerKey:
+    """Logs a warning the first time a key comes up, then stays quiet about it: a bad record that every
+    pass of a loop meets is reported once, not twice a second. Remembers at most `limit` keys."""
+
+    def __init__(self, logger: logging.Logger, limit: int = 10_000) -> None:
+        self.logger = logger
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def warning(self, key: str, message: str, *args: object, exc_info: bool = False) -> None:
+        if key in self._seen:
+            return
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen.add(key)
+        self.logger.warning(message, *args, exc_info=exc_info)

@@ -64,6 +64,29 @@ class ServiceCollector(Collector):
             "outcome",
             stats.counters.adapter_loads,
         )
+        yield _by_label(
+            "imagine_dead_letters",
+            "Queue messages the workers refused as not a job of ours (imagine-admin dead-letters), by kind.",
+            "kind",
+            stats.counters.dead_letters,
+        )
+        serving = GaugeMetricFamily(
+            "imagine_adapter_serving",
+            "1 for each adapter version a worker serves.",
+            labels=["worker", "adapter", "version"],
+        )
+        refused = GaugeMetricFamily(
+            "imagine_adapter_refused",
+            "1 where a worker refused an adapter's current files (a version still serving keeps serving).",
+            labels=["worker", "adapter"],
+        )
+        for worker, status in sorted(stats.workers.items()):
+            for name, adapter in sorted(status["adapters"].items()):
+                serving.add_metric([worker, name, str(adapter.get("version"))], 1)
+            for name in sorted(status.get("adapter_errors", {})):
+                refused.add_metric([worker, name], 1)
+        yield serving
+        yield refused
 
 
 def serve_metrics(client: ImagineClient, port: int, address: str = "0.0.0.0") -> None:

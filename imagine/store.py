@@ -17,11 +17,16 @@ Keys (under the configured prefix):
   recent_failures    zset   `reason:job id` of the last hour's failures, by time
   duration:{name}    hash   a histogram of `render` and `queue_wait` seconds: count, sum, one count per bound
   recent:{name}      list   the latest of those durations, for medians and estimates
+  dead_letters       list   the latest queue messages workers refused (not a job of ours), newest first
+
+Every reader takes a record it cannot parse (a bug, an old version, a hostile client writing to Redis)
+for absent: it is skipped and logged once with its key, and everything else goes on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections import Counter
@@ -33,14 +38,23 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from imagine.logs import OncePerKey
+
+logger = logging.getLogger(__name__)
+
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
 REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 """What a call raises while Redis is away (restarting, or not there at all)."""
 CreateOutcome = tuple[Literal["ok", "queue_full", "owner_limit"], int]
-FAILURE_REASONS = ("rejected", "adapter", "out_of_memory", "timeout", "worker_lost", "internal")
+FAILURE_REASONS = ("rejected", "adapter", "out_of_memory", "timeout", "worker_lost", "message_lost", "internal")
 """Why a job failed: refused options, a missing or refused adapter, out of memory, over JOB_TIME_LIMIT_S,
-its worker died under it MAX_JOB_ATTEMPTS times, anything else. A fixed set, so a metric's label stays small."""
+its worker died under it MAX_JOB_ATTEMPTS times, its queue message went missing MAX_JOB_ATTEMPTS times,
+anything else. A fixed set, so a metric's label stays small."""
 ADAPTER_LOAD_OUTCOMES = ("loaded", "unchanged", "failed")
+DEAD_LETTER_KINDS = ("undecodable", "not_a_job", "unknown_job", "disagrees")
+"""Why a worker refused a queue message (imagine.queue.RefusedMessage)."""
+WORKER_STATUS_FIELDS = frozenset({"heartbeat_at", "device", "base_model", "adapters", "jobs_done"})
+"""What a worker's status must hold for the readers of `workers`."""
 DURATIONS = ("render", "queue_wait")
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 """Upper bounds of the duration histograms: from the tiny model on a CPU to SD at 1024 px behind a long queue."""
@@ -48,6 +62,9 @@ RECENT_DURATIONS_KEPT = 50
 RECENT_FAILURES_S = 3600
 MAX_EVENTS = 2000
 """Events kept per job (about: Redis trims streams in whole nodes)."""
+DEAD_LETTERS_KEPT = 100
+DEAD_LETTER_BYTES = 64 * 1024
+"""How much of a refused message a dead letter keeps."""
 REDIS_OUTAGE_S = 300.0
 """How long a worker holding a finished render, or a front end following a job, waits for Redis to come back."""
 
@@ -215,6 +232,34 @@ return attempt + 1
 """
 
 
+# Send again a queued job whose message is on no queue (its front end died between recording the job and
+# sending its message, or the queue was purged): move it to the back of the queue, where the new message
+# goes, unless another worker's janitor did so first; fail it once it was sent again `max resends` times.
+# KEYS: job, pending, finished, counters, recent_failures, events.
+# ARGV: job id, attempt, its place in the queue when it was seen, now, max resends, ttl, message.
+_RESEND = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then
+  return -1
+end
+local place = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
+if place == nil or place ~= tonumber(ARGV[3]) then return -1 end
+local resent = redis.call('HINCRBY', KEYS[1], 'resent', 1)
+if resent > tonumber(ARGV[5]) then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HSET', KEYS[1], 'reason', 'message_lost', 'error', ARGV[7])
+  local event = event_json(ARGV[1], ARGV[4], {type = 'failed', reason = 'message_lost', message = ARGV[7]})
+  end_job({KEYS[1], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, 'failed', 'message_lost', ARGV[4], ARGV[1], event, ARGV[6])
+  return 0
+end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return resent
+"""
+
+
+class CorruptRecord(LookupError):
+    """A job's record is in Redis but cannot be read: for its readers, the job is gone."""
+
+
 @dataclass
 class JobRecord:
     job_id: str
@@ -260,6 +305,8 @@ class ServiceCounters:
     cancelled: int
     adapter_loads: dict[str, int]
     """Adapter loads by the workers, at start and on reload requests, by outcome (ADAPTER_LOAD_OUTCOMES)."""
+    dead_letters: dict[str, int]
+    """Queue messages the workers refused, by kind (DEAD_LETTER_KINDS)."""
 
 
 @dataclass
@@ -305,6 +352,11 @@ class JobStore:
         self._cancel = redis_client.register_script(_EVENTS + _END_JOB + _CANCEL)
         self._requeue = redis_client.register_script(_EVENTS + _END_JOB + _REQUEUE)
         self._heartbeat = redis_client.register_script(_HEARTBEAT)
+        self._resend = redis_client.register_script(_EVENTS + _END_JOB + _RESEND)
+        self._unreadable = OncePerKey(logger)
+
+    def _skip_unreadable(self, key: str, error: BaseException) -> None:
+        self._unreadable.warning(key, "skipping an unreadable record at %s: %s", key, error or type(error).__name__)
 
     @classmethod
     def from_url(cls, url: str, prefix: str, ttl_s: int) -> JobStore:
@@ -391,23 +443,36 @@ class JobStore:
     # Job life ---------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.hgetall(self.key("job", job_id))
+        """The job's record, None when there is none; raises CorruptRecord when it cannot be read."""
+        key = self.key("job", job_id)
+        raw = self.redis.hgetall(key)
         if not raw:
             return None
-        return JobRecord(
-            job_id=job_id,
-            state=raw[b"state"].decode(),
-            options=json.loads(raw[b"options"]),
-            client=raw.get(b"client", b"").decode(),
-            owner=raw.get(b"owner", b"").decode(),
-            attempt=int(raw[b"attempt"]),
-            submitted_at=float(raw[b"submitted_at"]),
-            started_at=_number(raw.get(b"started_at")),
-            finished_at=_number(raw.get(b"finished_at")),
-            worker=_text(raw.get(b"worker")),
-            error=_text(raw.get(b"error")) or None,
-            reason=_text(raw.get(b"reason")) or None,
-        )
+        try:
+            record = JobRecord(
+                job_id=job_id,
+                state=raw[b"state"].decode(),
+                options=json.loads(raw[b"options"]),
+                client=raw.get(b"client", b"").decode(),
+                owner=raw.get(b"owner", b"").decode(),
+                attempt=int(raw[b"attempt"]),
+                submitted_at=float(raw[b"submitted_at"]),
+                started_at=_number(raw.get(b"started_at")),
+                finished_at=_number(raw.get(b"finished_at")),
+                worker=_text(raw.get(b"worker")),
+                error=_text(raw.get(b"error")) or None,
+                reason=_text(raw.get(b"reason")) or None,
+            )
+            if not isinstance(record.options, dict):
+                raise TypeError(f"options are a JSON {type(record.options).__name__}, not an object")
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as error:
+            self._skip_unreadable(key, error)
+            raise CorruptRecord(f"job {job_id}'s record cannot be read ({type(error).__name__}: {error})") from None
+        return record
+
+    def _client_of(self, job_id: str) -> str:
+        """The front end that submitted a job ('' when unknown): its finished jobs are indexed under it."""
+        return (self.redis.hget(self.key("job", job_id), "client") or b"").decode(errors="replace")
 
     def claim(self, job_id: str, attempt: int, worker: str) -> str:
         """'ok' when this worker now runs the job; otherwise why not ('stale', 'cancelled', 'done', ...)."""
@@ -450,12 +515,10 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued job ('cancelled'), ask a running one to stop ('cancelling'), or say its state."""
-        record = self.get(job_id)
-        client = record.client if record else ""
         keys = [
             self.key("job", job_id),
             self.key("pending"),
-            self.key("finished", client),
+            self.key("finished", self._client_of(job_id)),
             *self._end_counter_keys(),
             self.key("job", job_id, "events"),
         ]
@@ -467,12 +530,10 @@ class JobStore:
         """Requeue a running job whose heartbeat is older than `dead_before` (or whose worker is
         `dead_worker`). Returns the new attempt, 0 when it has failed for good, -1 when it was alive,
         -2 when it was being cancelled (it is now)."""
-        record = self.get(job_id)
-        client = record.client if record else ""
         keys = [
             self.key("job", job_id),
             self.key("running"),
-            self.key("finished", client),
+            self.key("finished", self._client_of(job_id)),
             self.key("pending"),
             *self._end_counter_keys(),
             self.key("job", job_id, "events"),
@@ -494,20 +555,37 @@ class JobStore:
             self._touch(pipe, job_id)
             pipe.execute()
 
+    def _event_entries(
+        self, job_id: str, after: str, block_ms: int | None = None
+    ) -> list[tuple[str, dict[str, Any] | None]]:
+        """Entries of the job's stream after `after`, each with its event or None when it cannot be read."""
+        key = self.key("job", job_id, "events")
+        answer = self.redis.xread({key: after}, block=block_ms, count=100)
+        entries = []
+        for entry_id, fields in answer[0][1] if answer else []:
+            try:
+                event = json.loads(fields[b"event"])
+                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                    raise ValueError("not an object with a type")
+            except (KeyError, ValueError, UnicodeDecodeError) as error:
+                self._skip_unreadable(f"{key} {entry_id.decode()}", error)
+                event = None
+            entries.append((entry_id.decode(), event))
+        return entries
+
     def read_events(self, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, dict]]:
         """Events after the stream id `after`, waiting up to `block_ms` for the first one."""
-        answer = self.redis.xread({self.key("job", job_id, "events"): after}, block=block_ms, count=100)
-        if not answer:
-            return []
-        return [(entry_id.decode(), json.loads(fields[b"event"])) for entry_id, fields in answer[0][1]]
+        return [(entry_id, event) for entry_id, event in self._event_entries(job_id, after, block_ms) if event]
 
     def poll_events(self, job_id: str, cursor: EventCursor, block_ms: int | None = None) -> list[dict[str, Any]]:
         """The job's next events after `cursor` (which it advances), waiting up to `block_ms` for one.
         While the job waits in the queue, a fresh `queued` event reports each change of its position.
         Raises LookupError once the job is unknown or expired."""
         events = []
-        for entry_id, event in self.read_events(job_id, cursor.last_id, block_ms=block_ms):
-            cursor.last_id = entry_id
+        for entry_id, event in self._event_entries(job_id, cursor.last_id, block_ms=block_ms):
+            cursor.last_id = entry_id  # past an unreadable entry too, or every poll would read it again
+            if event is None:
+                continue
             if event["type"] == "queued":
                 cursor.last_position = event.get("position")
             events.append(event)
@@ -561,11 +639,20 @@ class JobStore:
             pipe.execute()
 
     def load_result(self, job_id: str) -> JobResult | None:
-        raw = self.redis.hgetall(self.key("job", job_id, "result"))
+        """The job's result; None when there is none, or it cannot be read (logged once)."""
+        key = self.key("job", job_id, "result")
+        raw = self.redis.hgetall(key)
         if not raw:
             return None
-        images = [raw[f"png:{index}".encode()] for index in range(len(raw) - 1)]
-        return JobResult(meta=json.loads(raw[b"meta"]), images=images)
+        try:
+            images = [raw[f"png:{index}".encode()] for index in range(len(raw) - 1)]
+            meta = json.loads(raw[b"meta"])
+            if not isinstance(meta, dict) or not isinstance(meta.get("images"), list):
+                raise ValueError("its metadata is not an object with images")
+        except (KeyError, ValueError, UnicodeDecodeError) as error:
+            self._skip_unreadable(key, error)
+            return None
+        return JobResult(meta=meta, images=images)
 
     def undelivered(self, client: str) -> list[str]:
         return [member.decode() for member in self.redis.zrange(self.key("finished", client), 0, -1)]
@@ -573,10 +660,9 @@ class JobStore:
     def confirm_delivery(self, job_id: str) -> bool:
         """Forget a finished job's result once its front end has delivered it. True for the first caller
         only, so two front ends (or a restarted one) never deliver the same job twice."""
-        record = self.get(job_id)
-        if record is None:
+        if not self.redis.exists(self.key("job", job_id)):
             return False
-        removed = self.redis.zrem(self.key("finished", record.client), job_id)
+        removed = self.redis.zrem(self.key("finished", self._client_of(job_id)), job_id)
         if removed:
             self.redis.delete(self.key("job", job_id, "result"))
         return bool(removed)
@@ -599,16 +685,29 @@ class JobStore:
             pipe.ltrim(self.key("recent", name), 0, RECENT_DURATIONS_KEPT - 1)
             pipe.execute()
 
+    def _numbers(self, key: str, fields: dict[bytes, bytes], kind: type[int] | type[float] = int) -> dict[str, Any]:
+        """A hash of counts or sums, without the fields that are not numbers (each logged once)."""
+        numbers = {}
+        for name, value in fields.items():
+            try:
+                numbers[name.decode()] = kind(value)
+            except (ValueError, UnicodeDecodeError) as error:
+                self._skip_unreadable(f"{key} {name.decode(errors='replace')}", error)
+        return numbers
+
     def durations(self, name: str) -> DurationStats:
+        histogram_key, recent_key = self.key("duration", name), self.key("recent", name)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.key("duration", name))
-            pipe.lrange(self.key("recent", name), 0, -1)
+            pipe.hgetall(histogram_key)
+            pipe.lrange(recent_key, 0, -1)
             histogram, recent = pipe.execute()
+        histogram = self._numbers(histogram_key, histogram, float)
+        recent_s = self._numbers(recent_key, {str(i).encode(): value for i, value in enumerate(recent)}, float)
         return DurationStats(
-            count=int(histogram.get(b"count", 0)),
-            sum_s=float(histogram.get(b"sum", 0.0)),
-            buckets=[(bound, int(histogram.get(f"le:{bound}".encode(), 0))) for bound in DURATION_BUCKETS_S],
-            recent=[float(value) for value in recent],
+            count=int(histogram.get("count", 0)),
+            sum_s=histogram.get("sum", 0.0),
+            buckets=[(bound, int(histogram.get(f"le:{bound}", 0))) for bound in DURATION_BUCKETS_S],
+            recent=list(recent_s.values()),
         )
 
     def record_adapter_load(self, outcome: str) -> None:
@@ -617,7 +716,7 @@ class JobStore:
         self.redis.hincrby(self.key("counters"), f"adapter_loads:{outcome}", 1)
 
     def counters(self) -> ServiceCounters:
-        raw = {name.decode(): int(value) for name, value in self.redis.hgetall(self.key("counters")).items()}
+        raw = self._numbers(self.key("counters"), self.redis.hgetall(self.key("counters")))
 
         def by_label(kind: str, labels: tuple[str, ...]) -> dict[str, int]:
             counts = dict.fromkeys(labels, 0)
@@ -629,6 +728,7 @@ class JobStore:
             failures=by_label("failed", FAILURE_REASONS),
             cancelled=raw.get("cancelled", 0),
             adapter_loads=by_label("adapter_loads", ADAPTER_LOAD_OUTCOMES),
+            dead_letters=by_label("dead_letters", DEAD_LETTER_KINDS),
         )
 
     def recent_failures(self) -> dict[str, int]:
@@ -645,17 +745,43 @@ class JobStore:
     def workers(self, alive_within_s: float) -> dict[str, dict[str, Any]]:
         """Workers whose last heartbeat is recent enough to count them as online."""
         now = self.now()
-        statuses = {name.decode(): json.loads(raw) for name, raw in self.redis.hgetall(self.key("workers")).items()}
-        return {name: status for name, status in statuses.items() if now - status["heartbeat_at"] <= alive_within_s}
+        key = self.key("workers")
+        online = {}
+        for name, raw in self.redis.hgetall(key).items():
+            try:
+                status = json.loads(raw)
+                missing = WORKER_STATUS_FIELDS - set(status) if isinstance(status, dict) else WORKER_STATUS_FIELDS
+                if missing:
+                    raise ValueError(f"no {', '.join(sorted(missing))}")
+                if not isinstance(status["heartbeat_at"], (int, float)) or not isinstance(status["adapters"], dict):
+                    raise ValueError("heartbeat_at is not a number or adapters not an object")
+                worker = name.decode()
+            except (ValueError, UnicodeDecodeError) as error:
+                self._skip_unreadable(f"{key} {name.decode(errors='replace')}", error)
+                continue
+            if now - status["heartbeat_at"] <= alive_within_s:
+                online[worker] = status
+        return online
 
     def request_reload(self, adapter: str | None) -> str:
         """Record a reload of one adapter (None: all); returns the request id the answers are filed under."""
         entry = {"adapter": adapter or "*", "requested_at": self.now()}
         return self.redis.xadd(self.key("reloads"), {"request": json.dumps(entry)}, maxlen=1000).decode()
 
-    def reload_requests_after(self, request_id: str) -> list[tuple[str, dict[str, Any]]]:
-        entries = self.redis.xrange(self.key("reloads"), min=f"({request_id}" if request_id != "0" else "-")
-        return [(entry_id.decode(), json.loads(fields[b"request"])) for entry_id, fields in entries]
+    def reload_requests_after(self, request_id: str) -> list[tuple[str, dict[str, Any] | None]]:
+        """Reload requests after `request_id`, each with the request, or None when it cannot be read."""
+        key = self.key("reloads")
+        requests = []
+        for entry_id, fields in self.redis.xrange(key, min=f"({request_id}" if request_id != "0" else "-"):
+            try:
+                request = json.loads(fields[b"request"])
+                if not isinstance(request, dict) or not isinstance(request.get("adapter"), str):
+                    raise ValueError("not an object naming an adapter")
+            except (KeyError, ValueError, UnicodeDecodeError) as error:
+                self._skip_unreadable(f"{key} {entry_id.decode()}", error)
+                request = None
+            requests.append((entry_id.decode(), request))
+        return requests
 
     def latest_reload_request(self) -> str:
         entries = self.redis.xrevrange(self.key("reloads"), count=1)
@@ -669,5 +795,71 @@ class JobStore:
             pipe.execute()
 
     def reload_answers(self, request_id: str) -> dict[str, list[dict[str, Any]]]:
-        raw = self.redis.hgetall(self.key("reload", request_id))
-        return {worker.decode(): json.loads(answers) for worker, answers in raw.items()}
+        key = self.key("reload", request_id)
+        answers = {}
+        for worker, raw in self.redis.hgetall(key).items():
+            try:
+                parsed = json.loads(raw)
+                if not isinstance(parsed, list) or not all(isinstance(answer, dict) for answer in parsed):
+                    raise ValueError("not a list of answers")
+                answers[worker.decode()] = parsed
+            except (ValueError, UnicodeDecodeError) as error:
+                self._skip_unreadable(f"{key} {worker.decode(errors='replace')}", error)
+        return answers
+
+    # Lost and refused messages ----------------------------------------------------------------
+
+    def queued_before(self, before: float) -> list[tuple[str, float]]:
+        """Jobs queued (or queued again) before the time `before`, with that time: their place in the queue."""
+        return [
+            (member.decode(), score)
+            for member, score in self.redis.zrangebyscore(self.key("pending"), "-inf", before, withscores=True)
+        ]
+
+    def resend_lost(self, job_id: str, attempt: int, queued_at: float, max_resends: int) -> int:
+        """Move a queued job whose message is lost to the back of the queue before its message is sent again.
+        Returns how many times it was sent again; 0 when it failed instead (sent again `max_resends` times);
+        -1 when it moved meanwhile (claimed, cancelled, or already sent again by another worker)."""
+        keys = [
+            self.key("job", job_id),
+            self.key("pending"),
+            self.key("finished", self._client_of(job_id)),
+            *self._end_counter_keys(),
+            self.key("job", job_id, "events"),
+        ]
+        message = (
+            f"This job's message on the queue went missing {max_resends + 1} times (was the queue purged?), "
+            "so it was not sent again; submit it again."
+        )
+        args = [job_id, attempt, queued_at, self.now(), max_resends, self.ttl_s, message]
+        return int(self._resend(keys=keys, args=args))
+
+    def record_dead_letter(self, kind: str, details: dict[str, Any], raw: bytes) -> None:
+        """Keep a refused queue message (the latest DEAD_LETTERS_KEPT) and count it by kind."""
+        letter = {
+            "at": self.now(),
+            "kind": kind,
+            **details,
+            "bytes": len(raw),
+            "message": raw[:DEAD_LETTER_BYTES].decode(errors="replace"),
+        }
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(self.key("dead_letters"), json.dumps(letter))
+            pipe.ltrim(self.key("dead_letters"), 0, DEAD_LETTERS_KEPT - 1)
+            pipe.hincrby(self.key("counters"), f"dead_letters:{kind}", 1)
+            pipe.execute()
+
+    def dead_letters(self, count: int = DEAD_LETTERS_KEPT) -> list[dict[str, Any]]:
+        """The latest refused messages, newest first."""
+        key = self.key("dead_letters")
+        letters = []
+        for index, raw in enumerate(self.redis.lrange(key, 0, count - 1)):
+            try:
+                letter = json.loads(raw)
+                if not isinstance(letter, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError) as error:
+                self._skip_unreadable(f"{key} {index}", error)
+                continue
+            letters.append(letter)
+        return letters

@@ -103,6 +103,20 @@ class FakeInteraction:
 
 
 @dataclass
+class HeldRequests:
+    """REST requests the fake keeps waiting, as a slow or stalled Discord would (see `FakeDiscord.hold`)."""
+
+    matches: Callable[[str, str, dict], bool]
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    abandoned: int = 0
+    """Held requests whose client went away before the fake answered: the fake never acted on them."""
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class _Member:
     user: FakeUser
     role_ids: list[int]
@@ -197,6 +211,8 @@ class FakeDiscord:
         self.requests: list[tuple[str, str]] = []  # (method, path below /api/v10)
         self.unknown_requests: list[tuple[str, str]] = []
         self.server_errors: list[tuple[str, str, str]] = []  # requests the fake itself failed on (a fake bug)
+        self.client_close_codes: list[int | None] = []  # the close code of each gateway socket a client closed
+        self._holds: list[HeldRequests] = []
 
         self._lock = threading.RLock()
         self._last_id = 0
@@ -376,6 +392,14 @@ class FakeDiscord:
         """Take the bot's Send Messages in a channel away, or give it back, as a server admin would."""
         with self._lock:
             (self._channels_without_posting.discard if allowed else self._channels_without_posting.add)(channel_id)
+
+    def hold(self, matches: Callable[[str, str, dict], bool]) -> HeldRequests:
+        """Keep REST requests for which `matches(method, path, body)` is true waiting until released. A held
+        request whose client has gone by then (a bot killed meanwhile) is dropped: Discord never got it."""
+        held = HeldRequests(matches)
+        with self._lock:
+            self._holds.append(held)
+        return held
 
     # What the bot did -----------------------------------------------------------------------------------------
 
@@ -890,6 +914,7 @@ class FakeDiscord:
 
     async def _shutdown(self) -> None:
         for ws in list(self._sockets):
+            ws.closed_by_fake = True
             await ws.close(code=1001, message=b"fake discord stopping")
         await self._runner.cleanup()
 
@@ -935,9 +960,28 @@ class FakeDiscord:
         ]
         return [(method, re.compile(pattern + "$"), handler, bot_auth) for method, pattern, handler, bot_auth in table]
 
+    async def _held(self, request: web.Request, path: str) -> bool:
+        """Wait while a hold matches the request; True when its client went away meanwhile."""
+        with self._lock:
+            holds = [held for held in self._holds if not held.released.is_set()]
+        if not holds:
+            return False
+        body, _ = await self._read_body(request)
+        for held in holds:
+            if held.matches(request.method, path, body):
+                held.arrived.set()
+                while not held.released.is_set():
+                    await asyncio.sleep(0.05)
+                if request.transport is None or request.transport.is_closing():
+                    held.abandoned += 1
+                    return True
+        return False
+
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["path"]
         self.requests.append((request.method, path))
+        if await self._held(request, path):
+            return web.Response(status=499)
         for method, pattern, handler, bot_auth in self._routes:
             match = pattern.match(path)
             if match is None or method != request.method:
@@ -963,7 +1007,13 @@ class FakeDiscord:
 
     @staticmethod
     async def _read_body(request: web.Request) -> tuple[Any, dict[int, tuple[str, bytes]]]:
-        """The JSON body, or a multipart body's payload_json and its files[n] uploads."""
+        """The JSON body, or a multipart body's payload_json and its files[n] uploads (read once, then kept)."""
+        if "fake_body" not in request:
+            request["fake_body"] = await FakeDiscord._parse_body(request)
+        return request["fake_body"]
+
+    @staticmethod
+    async def _parse_body(request: web.Request) -> tuple[Any, dict[int, tuple[str, bytes]]]:
         if request.content_type.startswith("multipart/"):
             payload, files = None, {}
             reader = await request.multipart()
@@ -1296,10 +1346,13 @@ class FakeDiscord:
             self._sockets.discard(ws)
             if session is not None and session.ws is ws:
                 session.ws = None
+            if ws.close_code is not None and not getattr(ws, "closed_by_fake", False):
+                self.client_close_codes.append(ws.close_code)
         return ws
 
     async def _identify(self, ws: web.WebSocketResponse, data: dict) -> _Session | None:
         if data.get("token") != self.token:
+            ws.closed_by_fake = True
             await ws.close(code=4004, message=b"Authentication failed.")
             return None
         session = _Session(id=secrets.token_hex(16), shard=data.get("shard"), ws=ws)
@@ -1329,6 +1382,7 @@ class FakeDiscord:
 
     async def _resume(self, ws: web.WebSocketResponse, data: dict) -> _Session | None:
         if data.get("token") != self.token:
+            ws.closed_by_fake = True
             await ws.close(code=4004, message=b"Authentication failed.")
             return None
         session = self._session
@@ -1390,4 +1444,5 @@ class FakeDiscord:
             with self._lock:
                 self._session = None
         for ws in list(self._sockets):
+            ws.closed_by_fake = True
             await ws.close(code=4000, message=b"fake disconnect")

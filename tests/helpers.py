@@ -41,9 +41,10 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
 class RedisServer:
     """A redis-server of the tests' own on a free port, which a test may stop and start again."""
 
-    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False, password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.password = password
         # Compose's Redis keeps an append-only file too, so its data survives a restart. Here each write is
         # on disk before it is answered, so a killed server comes back with everything it said yes to.
         self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
@@ -51,15 +52,27 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        password = ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.persistence],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *self.persistence,
+                *password,
+            ],
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         wait_for(lambda: _pings(client), 10, "redis-server to start")
 
     def stop(self) -> None:
@@ -211,8 +224,14 @@ class WorkerProcess(ServiceProcess):
 
             resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
 
+    def start(self, wait: bool = True):
+        self._started_at = self._store.now()
+        return super().start(wait)
+
     def is_ready(self) -> bool:
-        return self.name in self._store.workers(alive_within_s=5)
+        """This process's own heartbeat is in Redis (not the last one of a process killed a moment ago)."""
+        status = self._store.workers(alive_within_s=5).get(self.name)
+        return status is not None and status["heartbeat_at"] > self._started_at
 
 
 def png_size(data: bytes) -> tuple[int, int]:

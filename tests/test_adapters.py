@@ -182,3 +182,83 @@ def test_default_adapter_missing_gives_a_clear_message(tiny_pipe, lora_dir):
     renderer = Renderer(tiny_pipe, AdapterRegistry(tiny_pipe, lora_dir), "flickr30k", allow_safety_checker_off=False)
     with pytest.raises(AdapterError, match=r"default adapter .flickr30k. is not loaded.*DEFAULT_ADAPTER"):
         render(renderer, None)
+
+
+def _broken_files():
+    """Each kind of bad LoRA tensor, as a change to a good diffusers state dict, and the words that refuse it."""
+    import torch
+
+    def first(state, part):
+        return next(key for key in state if key.endswith(f".{part}.weight"))
+
+    def replace(part, make):
+        return lambda state: {**state, first(state, part): make(state[first(state, part)])}
+
+    return {
+        "one dimension": (replace("lora_A", lambda t: t.flatten()), r"has shape \(\d+,\); a LoRA matrix has 2 dim"),
+        "three dimensions": (replace("lora_B", lambda t: t[None]), r"has shape \(1, \d+, 4\); a LoRA matrix has 2"),
+        "integers": (
+            replace("lora_A", lambda t: t.to(torch.int32)),
+            "holds int32 values; a LoRA matrix holds floating",
+        ),
+        "NaN": (replace("lora_B", lambda t: t * float("nan")), "holds NaN or infinite values"),
+        "ranks that differ": (replace("lora_A", lambda t: t[:2]), "down matrix of rank 2 but an up matrix of rank 4"),
+        "no up matrix": (
+            lambda s: {k: v for k, v in s.items() if k != first(s, "lora_B")},
+            "has no up \\(B\\) matrix",
+        ),
+    }
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "peft"])
+@pytest.mark.parametrize("kind", list(_broken_files()))
+def test_each_broken_tensor_is_refused_in_words(setup, lora_dir, kind, layout):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    registry, _ = setup
+    change, words = _broken_files()[kind]
+    shutil.copytree(lora_dir / layout, lora_dir / "broken")
+    weights = next((lora_dir / "broken").glob("*.safetensors"))
+    save_file(change(load_file(weights)), weights)
+    with pytest.raises(AdapterError, match=f"adapter 'broken': {weights.name}: .*{words}"):
+        registry.load("broken")
+    assert registry.loaded == {}
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tiny_pipe, lora_dir):
+    huge = lora_dir / "huge.safetensors"
+    with huge.open("wb") as file:  # 2 GiB, sparse: nothing is written, and nothing may be read
+        file.truncate(2 * 2**30)
+    registry = AdapterRegistry(tiny_pipe, lora_dir)
+    with pytest.raises(AdapterError, match=r"huge.safetensors is 2,048 MiB, more than MAX_ADAPTER_BYTES \(512 MiB\)"):
+        registry.load("huge")
+    small_limit = AdapterRegistry(tiny_pipe, lora_dir, max_bytes=1000)
+    with pytest.raises(AdapterError, match="more than MAX_ADAPTER_BYTES"):
+        small_limit.load("diffusers")
+
+
+def test_two_layouts_in_one_folder_must_agree_and_a_change_to_either_is_noticed(setup, lora_dir, adapter_weights):
+    from safetensors.torch import load_file, save_file
+
+    from worker.adapters import save_adapter
+
+    registry, renderer = setup
+    # Both layouts side by side, as the trainer writes them.
+    model = adapter_weights["v1"]
+    from peft.utils import get_peft_model_state_dict
+
+    state = {key.removeprefix("base_model.model."): value for key, value in get_peft_model_state_dict(model).items()}
+    save_adapter(lora_dir / "both", state, model.peft_config["default"])
+    loaded = registry.load("both")
+    assert loaded.file == "adapter_model.safetensors (= pytorch_lora_weights.safetensors)"
+    registry.load("peft")
+    assert render(renderer, "both") == render(renderer, "peft")
+
+    diffusers_file = lora_dir / "both" / "pytorch_lora_weights.safetensors"
+    other = load_file(lora_dir / "diffusers" / "pytorch_lora_weights.safetensors")
+    save_file({key: value * 2 for key, value in other.items()}, diffusers_file)  # only this one replaced
+    with pytest.raises(AdapterError, match=r"holds two layouts that disagree.*version \w{12} keeps serving"):
+        registry.load("both")
+    assert registry.loaded["both"].version == loaded.version

@@ -3,6 +3,7 @@ a real Redis, and a real worker on the tiny model."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -134,8 +135,11 @@ def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
         ALICE, "imagine", {"prompt": PROMPT, "count": 2, "size": "square", **SMALL}
     )
     interaction = fake.interaction(interaction_id)
-    fake.wait_for(lambda: interaction.callbacks, what="the deferral")
-    assert interaction.callbacks[0]["type"] == 5  # deferred, within Discord's 3 s
+    fake.wait_for(lambda: interaction.callbacks, what="the answer")
+    # Answered at once (Discord waits 3 s) with the place in the queue, for the whole channel to see.
+    (answer,) = interaction.callbacks
+    assert answer["type"] == 4 and "Queued: position" in answer["data"]["content"]
+    assert not answer["data"].get("flags", 0) & EPHEMERAL
     message = final_message(fake, interaction_id)
 
     progress = [edit.get("content") or "" for edit in interaction.original_edits]
@@ -322,6 +326,24 @@ def test_per_user_limit_and_queue_cap_refuse_politely(discord_env):
         final_message(fake, interaction_id)
 
 
+def test_racing_submissions_of_one_user_are_refused_for_that_user_only(discord_env):
+    settings, fake, _, _ = discord_env
+    busy = occupy_worker(settings)
+    # Three at once: no check of the bot's can see the others coming; the service's atomic one does.
+    racing = [fake.send_slash_command(BOB, "imagine", {"prompt": f"race {n}", **SMALL}) for n in range(3)]
+    answers = [fake.wait_for(lambda i=i: fake.interaction(i).callbacks, what="an answer")[0] for i in racing]
+    refused = [answer for answer in answers if answer["data"].get("flags", 0) & EPHEMERAL]
+    assert len(refused) == 1 and "You already have 2 jobs queued or rendering" in refused[0]["data"]["content"]
+    queued = [i for i, answer in zip(racing, answers, strict=True) if answer not in refused]
+    assert len(queued) == 2
+    wait_idle(settings, busy)
+    for interaction_id in queued:
+        final_message(fake, interaction_id)
+    seen_by_all = [fake.interaction(i).original for i in racing] + fake.channel_messages(fake.channel_id)
+    public = [m for m in seen_by_all if m and not m["flags"] & EPHEMERAL]
+    assert public and not any("You already have" in (m.get("content") or "") for m in public)
+
+
 def test_adapter_autocomplete_lists_the_workers_adapters(discord_env):
     _, fake, _, _ = discord_env
     interaction_id = fake.send_autocomplete(ALICE, "imagine", {"prompt": "x", "adapter": "fl"}, focused="adapter")
@@ -384,3 +406,44 @@ def test_redis_crash_mid_job_users_are_told_and_the_result_still_arrives(model_c
         fake.stop()
         worker.stop()
         server.stop()
+
+
+def held_final_edit(fake: FakeDiscord):
+    """Holds the edit that replaces a job's progress with its images: the bot is then mid-delivery."""
+    return fake.hold(lambda method, path, body: method == "PATCH" and bool(body.get("embeds")))
+
+
+def test_sigterm_finishes_the_delivery_under_way_then_closes_the_gateway(discord_env):
+    settings, fake, bot, _ = discord_env
+    held = held_final_edit(fake)
+    interaction_id = fake.send_slash_command(CAROL, "imagine", {"prompt": "delivered while stopping", **SMALL})
+    assert held.arrived.wait(60), "the bot never started delivering"
+    closes = len(fake.client_close_codes)
+    bot.process.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
+    time.sleep(1)
+    assert bot.process.poll() is None  # waiting for its delivery to finish
+    held.release()
+    assert bot.process.wait(60) == 0
+    assert final_message(fake, interaction_id)["embeds"][0]["description"] == "delivered while stopping"
+    assert fake.client_close_codes[closes:] == [1000]  # the gateway session closed, not dropped
+    log = bot.log_path.read_text()
+    assert "SIGTERM received: finishing the deliveries under way" in log and " INFO bot: stopped" in log
+    assert not ImagineClient(settings, client_name="discord").undelivered()
+    bot.start()
+
+
+def test_bot_killed_mid_delivery_delivers_soon_after_restart_and_once(discord_env):
+    settings, fake, bot, _ = discord_env
+    held = held_final_edit(fake)
+    interaction_id = fake.send_slash_command(ALICE, "imagine", {"prompt": "crash while delivering", **SMALL})
+    assert held.arrived.wait(60), "the bot never started delivering"
+    bot.kill()
+    held.release()
+    fake.wait_for(lambda: held.abandoned == 1, what="the killed bot's edit to be dropped")
+    bot.start()
+    # Its claim on the delivery runs out (DELIVERY_CLAIM_S, 30 s), instead of five minutes.
+    message = final_message(fake, interaction_id)
+    assert message["embeds"][0]["description"] == "crash while delivering"
+    interaction = fake.interaction(interaction_id)
+    assert len([edit for edit in interaction.original_edits if edit.get("embeds")]) == 1
+    assert not ImagineClient(settings, client_name="discord").undelivered()

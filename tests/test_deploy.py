@@ -390,9 +390,10 @@ def test_worker_healthcheck_follows_its_heartbeat_in_redis(compose, redis_server
         return run.returncode == 0
 
     assert not healthy(), "no heartbeat yet"
-    store.publish_worker("other@host", {"jobs_done": 0})
+    status = {"device": "cuda:0", "base_model": "CompVis/stable-diffusion-v1-4", "adapters": {}, "jobs_done": 0}
+    store.publish_worker("other@host", status)
     assert not healthy(), "another worker's heartbeat"
-    store.publish_worker(name, {"jobs_done": 0})
+    store.publish_worker(name, status)
     assert healthy()
     time.sleep(0.5)
     assert not healthy(dead_after_s=0.2), "a heartbeat older than WORKER_DEAD_AFTER_S"

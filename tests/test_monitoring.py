@@ -110,6 +110,7 @@ class MonitoredRun:
     metrics_while_queued: dict
     queue_while_queued: str
     reload_output: str
+    worker_status: dict
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,8 @@ def monitored(redis_server, model_cache, tmp_path_factory, adapter_weights):
         assert list(client.events(done_job))[-1]["type"] == "done"
         failed_job = client.submit({"prompt": "a dog", **SMALL, "adapter": "ghost"}).job_id
         assert list(client.events(failed_job))[-1]["type"] == "failed"
+        client.store.redis.lpush(settings.queue_name, b"not a message")  # refused, and counted
+        wait_for(client.store.dead_letters, 30, "the worker to refuse the message")
 
         write_adapter(lora_dir / "flickr30k", "peft", adapter_weights["v2"])
         (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
@@ -160,6 +163,7 @@ def monitored(redis_server, model_cache, tmp_path_factory, adapter_weights):
             metrics_while_queued=metrics_while_queued,
             queue_while_queued=queue_while_queued,
             reload_output=reload_output,
+            worker_status=client.workers()[worker.name],
         )
     finally:
         for process in (worker, exporter, flower):
@@ -220,6 +224,15 @@ def test_metrics_count_the_queue_renders_failures_and_reloads(monitored):
     assert sample(metrics, "imagine_adapter_loads_total", outcome="loaded") == 2
     assert sample(metrics, "imagine_adapter_loads_total", outcome="unchanged") == 0
     assert sample(metrics, "imagine_adapter_loads_total", outcome="failed") == 1
+    worker = monitored.worker.name
+    version = monitored.worker_status["adapters"]["flickr30k"]["version"]
+    assert sample(metrics, "imagine_adapter_serving", worker=worker, adapter="flickr30k", version=version) == 1
+    assert sample(metrics, "imagine_adapter_refused", worker=worker, adapter="broken") == 1
+    assert ("imagine_adapter_refused", frozenset({"worker": worker, "adapter": "flickr30k"}.items())) not in metrics
+
+    assert sample(metrics, "imagine_dead_letters_total", kind="undecodable") == 1
+    for kind in ("not_a_job", "unknown_job", "disagrees"):
+        assert sample(metrics, "imagine_dead_letters_total", kind=kind) == 0
 
 
 def test_imagine_admin_queue_tells_the_same_numbers_as_the_exporter(monitored):
@@ -248,6 +261,8 @@ def test_imagine_admin_queue_tells_the_same_numbers_as_the_exporter(monitored):
     assert (
         f"adapter loads:   {loads['loaded']} loaded, {loads['unchanged']} unchanged, {loads['failed']} failed" in lines
     )
+    refused = int(sample(metrics, "imagine_dead_letters_total", kind="undecodable"))
+    assert f"dead letters:    {refused} (undecodable {refused}; see imagine-admin dead-letters)" in lines
 
 
 def test_every_worker_line_about_a_job_carries_its_id(monitored):

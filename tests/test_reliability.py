@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import uuid
 from pathlib import Path
@@ -112,14 +114,19 @@ def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(redis_server, 
 
 
 def test_job_over_the_time_limit_is_stopped(redis_server, start_worker):
-    worker = start_worker(name="timed", JOB_TIME_LIMIT_S="1")
-    client = ImagineClient(worker.settings)
-    job = client.submit({**LONG, "num_inference_steps": 100})
+    # Far more work than a second holds on any machine; and a one-step job, whose only step is its last,
+    # is never stopped for the limit: neither outcome depends on the machine's speed.
+    steps = 5000
+    settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}", max_steps=steps)
+    start_worker(settings, name="timed", JOB_TIME_LIMIT_S="1", MAX_STEPS=str(steps))
+    client = ImagineClient(settings)
+    job = client.submit({**LONG, "num_inference_steps": steps})
     failed = list(client.events(job.job_id))[-1]
     assert failed["type"] == "failed" and failed["reason"] == "timeout"
     assert "took longer than 1 s" in failed["message"]
     assert client.queue_stats().failures_last_hour == {"timeout": 1}
-    quick = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+    # Euler takes exactly the steps asked (PNDM one more).
+    quick = client.submit({**LONG, "num_inference_steps": 1, "scheduler": "euler", "width": 64, "height": 64})
     assert list(client.events(quick.job_id))[-1]["type"] == "done"
 
 
@@ -154,6 +161,78 @@ def test_redis_crash_mid_job_loses_neither_the_render_nor_the_worker(tmp_path, s
         assert [event["type"] for event in events].count("done") == 1
         probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
         assert [event["type"] for event in client.events(probe.job_id)][-1] == "done"
+    finally:
+        user.kill()
+        worker.stop()
+        server.stop()
+
+
+def test_a_stream_of_jobs_through_workers_killed_again_and_again_delivers_each_once(redis_server, start_worker):
+    """SIGKILL whichever of two workers is rendering, again and again; every job still ends done, once.
+    IMAGINE_STREAM_JOBS and IMAGINE_STREAM_KILLS make it a longer run (docs/reliability.md)."""
+    jobs, kills = int(os.environ.get("IMAGINE_STREAM_JOBS", 8)), int(os.environ.get("IMAGINE_STREAM_KILLS", 2))
+    settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}", max_job_attempts=kills + 2)
+    workers = [start_worker(settings, name=name) for name in ("left", "right")]
+    client = ImagineClient(settings)
+    chance = random.Random(9)
+    submitted = [
+        client.submit({**LONG, "seed": seed, "width": 256, "height": 256, "num_inference_steps": 20})
+        for seed in range(jobs)
+    ]
+
+    def rendering() -> list:
+        """(worker, job) for each job a worker is rendering."""
+        return [
+            (worker, job_id)
+            for job_id in client.store.running_jobs()
+            for worker in workers
+            if client.job(job_id).worker == worker.name and client.store.read_events(job_id)[-1][1]["type"] == "step"
+        ]
+
+    killed = 0
+    while killed < kills:
+        busy = wait_for(lambda: rendering() or client.store.queue_length() == 0, 120, "a worker to be rendering")
+        if busy is True:  # a fast machine rendered everything already
+            break
+        victim, _ = chance.choice(busy)
+        victim.kill()
+        killed += 1
+        victim.start()  # the other renders on meanwhile
+    for job in submitted:
+        events = list(client.events(job.job_id))
+        assert [event["type"] for event in events].count("done") == 1 and events[-1]["type"] == "done"
+        assert client.result(job.job_id).meta["attempt"] == client.job(job.job_id).attempt
+    assert killed >= 1 and client.store.queue_length() == 0 and client.store.running_jobs() == []
+
+
+def test_redis_crash_without_persistence_loses_the_job_plainly_and_no_password_reaches_a_log(tmp_path, start_worker):
+    password = "a-password-for-redis-only"
+    server = RedisServer(tmp_path, persistent=False, password=password)
+    server.start()
+    settings = service_settings(server.url, f"t{uuid.uuid4().hex[:8]}")
+    worker = start_worker(settings, name="forgetful")
+    client = ImagineClient(settings)
+    options = ["--width", "384", "--height", "384", "--steps", "40", "--adapter", "none", "--seed", "4"]
+    user = subprocess.Popen(
+        [str(BIN / "imagine"), "a long render", *options, "--out", str(tmp_path / "out")],
+        env=service_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job_id = wait_for(lambda: client.store.running_jobs(), 60, "the job to start")[0]
+        wait_until_rendering(client, job_id, worker.name, attempt=1)
+        server.crash()
+        wait_for(lambda: "storing the images: Redis is not answering" in worker.log(), 120, "the render to end")
+        server.start()  # empty: it kept nothing
+
+        _, stderr = user.communicate(timeout=120)
+        assert user.returncode == 1
+        assert f"imagine: job {job_id} is unknown or has expired" in stderr and "submit it again" in stderr
+        probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+        assert [event["type"] for event in client.events(probe.job_id)][-1] == "done"
+        assert password not in worker.log_path.read_text() and password not in stderr
     finally:
         user.kill()
         worker.stop()

@@ -67,6 +67,10 @@ def test_reload_serves_new_weights_and_refuses_a_corrupted_file(start_worker, tm
     assert refused.returncode == 1
     assert "REFUSED" in refused.stdout and "truncated or corrupted" in refused.stdout
     assert image(client) == second  # the previous version keeps serving
+    # ...and the listing says so beside it.
+    (line,) = [line for line in admin(worker.settings, "adapters").stdout.splitlines() if "flickr30k" in line]
+    assert f"flickr30k (default)  {new_version}" in line
+    assert "serving; its new files were REFUSED" in line and "truncated or corrupted" in line
 
     (lora_dir / "flickr30k" / "pytorch_lora_weights.safetensors").unlink()
     (lora_dir / "flickr30k" / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04pickle")

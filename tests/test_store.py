@@ -102,6 +102,7 @@ def test_each_job_end_is_counted_once_with_its_reason(store):
         "out_of_memory": 0,
         "timeout": 0,
         "worker_lost": 1,
+        "message_lost": 0,
         "internal": 0,
     }
     assert counters.cancelled == 2

@@ -8,6 +8,8 @@ Three layouts are read, detected by their tensor names rather than their file na
   - kohya / A1111 (one `.safetensors` file, keys `lora_unet_...` / `lora_te_...`).
 Whatever the layout, a load counts the modules that actually received LoRA weights and refuses the
 adapter when any tensor found no module: an adapter for another base model never half-applies.
+A folder holding both the PEFT and the diffusers file (as our trainer writes it) is read whole: the two
+must hold the same weights, so a change to either file is noticed, and the version hashes both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from imagine.contract import ADAPTER_NAME_PATTERN, NO_ADAPTER
+from worker.settings import DEFAULT_MAX_ADAPTER_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PEFT_PREFIX = "base_model.model."
 # The key of each LoRA's down (A) matrix in each layout: one per adapted module.
 _DOWN_KEY = re.compile(r"(\.lora_A\.weight|\.lora\.down\.weight|\.lora_down\.weight)$")
+# A LoRA matrix's key in any layout: the module, and whether it is the down (A) or the up (B) matrix.
+_MATRIX_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$")
+_DOWN_PARTS = ("lora_A", "lora.down", "lora_down")
+MAX_CONFIG_BYTES = 2**20
 
 
 class AdapterError(RuntimeError):
@@ -46,7 +53,10 @@ class AdapterError(RuntimeError):
 class AdapterFiles:
     name: str
     weights: Path
+    """The file that serves."""
     config: Path | None
+    twin: Path | None = None
+    """The diffusers file beside a PEFT file: it must hold the same weights."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class AdapterWeights:
     state_dict: dict[str, torch.Tensor]
     modules: int
     """How many modules the adapter's tensors adapt."""
+    file: str
+    """The name of the file that serves (and of its twin, which agrees with it)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,7 @@ class LoadedAdapter:
     version: str
     modules: int
     loaded_at: float
+    file: str
 
 
 def _inside(root: Path, path: Path, name: str) -> Path:
@@ -95,7 +108,13 @@ def locate_adapter(lora_dir: Path, name: str) -> AdapterFiles:
         config = folder / PEFT_CONFIG
         if not config.is_file():
             raise AdapterError(f"adapter {name!r} has {PEFT_WEIGHTS} but no {PEFT_CONFIG} beside it")
-        return AdapterFiles(name, _inside(root, folder / PEFT_WEIGHTS, name), _inside(root, config, name))
+        twin = folder / DIFFUSERS_WEIGHTS
+        return AdapterFiles(
+            name,
+            _inside(root, folder / PEFT_WEIGHTS, name),
+            _inside(root, config, name),
+            _inside(root, twin, name) if twin.is_file() else None,
+        )
     if (folder / DIFFUSERS_WEIGHTS).is_file():
         return AdapterFiles(name, _inside(root, folder / DIFFUSERS_WEIGHTS, name), None)
     candidates = sorted(folder.glob("*.safetensors"))
@@ -153,23 +172,88 @@ def _peft_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict) -> dic
     return converted
 
 
-def read_adapter(files: AdapterFiles) -> AdapterWeights:
-    """Read and check an adapter's files without touching the pipeline (it may be rendering)."""
-    digest = hashlib.sha256()
+def _read_file(name: str, path: Path, limit: int, setting: str) -> bytes:
+    """A file's bytes, refused before reading when it is larger than `limit`."""
     try:
-        raw = files.weights.read_bytes()
-        config_bytes = files.config.read_bytes() if files.config is not None else b""
+        size = path.stat().st_size
+        if size > limit:
+            raise AdapterError(
+                f"adapter {name!r}: {path.name} is {size / 2**20:,.0f} MiB, more than {setting} "
+                f"({limit / 2**20:,.0f} MiB); an SD 1.x LoRA of rank 128 is about 150 MB"
+            )
+        return path.read_bytes()
     except OSError as error:
-        raise AdapterError(f"adapter {files.name!r} could not be read: {error}") from error
-    digest.update(raw)
-    digest.update(config_bytes)
+        raise AdapterError(f"adapter {name!r} could not be read: {error}") from error
+
+
+def _load_tensors(name: str, path: Path, raw: bytes) -> dict[str, torch.Tensor]:
     try:
-        state_dict = load_safetensors(raw)
+        return load_safetensors(raw)
     except SafetensorError as error:
         raise AdapterError(
-            f"adapter {files.name!r} is not a valid safetensors file ({files.weights.name}: {error}); "
+            f"adapter {name!r} is not a valid safetensors file ({path.name}: {error}); "
             "it may be truncated or corrupted"
         ) from error
+
+
+def _check_matrices(name: str, file_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse, in words, tensors that cannot be LoRA weights, before any code indexes their shapes."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        where = f"adapter {name!r}: {file_name}: tensor {key!r}"
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterError(f"{where} holds NaN or infinite values (a diverged training run?)")
+        if key.endswith(".alpha") and tensor.numel() != 1:
+            raise AdapterError(f"{where} has shape {tuple(tensor.shape)}; an alpha is one number")
+        match = _MATRIX_KEY.match(key)
+        if match is None:
+            continue
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise AdapterError(f"{where} holds {dtype} values; a LoRA matrix holds floating-point numbers")
+        if tensor.ndim not in (2, 4):
+            raise AdapterError(
+                f"{where} has shape {tuple(tensor.shape)}; a LoRA matrix has 2 dimensions (4 for a convolution)"
+            )
+        pairs.setdefault(match["module"], {})["down" if match["part"] in _DOWN_PARTS else "up"] = tensor
+    for module, pair in pairs.items():
+        if len(pair) != 2:
+            missing = "up (B)" if "up" not in pair else "down (A)"
+            raise AdapterError(f"adapter {name!r}: {file_name}: module {module!r} has no {missing} matrix")
+        if pair["down"].shape[0] != pair["up"].shape[1]:
+            raise AdapterError(
+                f"adapter {name!r}: {file_name}: module {module!r} has a down matrix of rank {pair['down'].shape[0]} "
+                f"but an up matrix of rank {pair['up'].shape[1]}"
+            )
+
+
+def _same_weights(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> bool:
+    """Whether two diffusers-keyed LoRAs hold the same matrices (older files spell `lora.down` for `lora_A`)."""
+
+    def normalised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            key.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): tensor
+            for key, tensor in state.items()
+        }
+
+    ours, theirs = normalised(ours), normalised(theirs)
+    return set(ours) == set(theirs) and all(
+        ours[key].shape == theirs[key].shape and torch.allclose(ours[key].float(), theirs[key].float(), atol=1e-6)
+        for key in ours
+    )
+
+
+def read_adapter(files: AdapterFiles, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> AdapterWeights:
+    """Read and check an adapter's files without touching the pipeline (it may be rendering)."""
+    raw = _read_file(files.name, files.weights, max_bytes, "MAX_ADAPTER_BYTES")
+    config_bytes = b""
+    if files.config is not None:
+        config_bytes = _read_file(files.name, files.config, MAX_CONFIG_BYTES, "what a config needs")
+    twin_raw = _read_file(files.name, files.twin, max_bytes, "MAX_ADAPTER_BYTES") if files.twin else b""
+    digest = hashlib.sha256()
+    for part in (raw, config_bytes, twin_raw):
+        digest.update(part)
+    state_dict = _load_tensors(files.name, files.weights, raw)
     try:
         config = json.loads(config_bytes) if files.config is not None else None
     except ValueError as error:
@@ -182,6 +266,7 @@ def read_adapter(files: AdapterFiles) -> AdapterWeights:
         raise AdapterError(f"adapter {files.name!r} has a {PEFT_CONFIG} without a numeric lora_alpha")
     if not state_dict:
         raise AdapterError(f"adapter {files.name!r} holds no tensors")
+    _check_matrices(files.name, files.weights.name, state_dict)
 
     keys = list(state_dict)
     if any(key.startswith(PEFT_PREFIX) for key in keys):
@@ -200,7 +285,18 @@ def read_adapter(files: AdapterFiles) -> AdapterWeights:
     modules = sum(1 for key in state_dict if _DOWN_KEY.search(key))
     if modules == 0:
         raise AdapterError(f"adapter {files.name!r} holds no LoRA matrices (first key: {keys[0]!r})")
-    return AdapterWeights(files.name, layout, digest.hexdigest()[:12], state_dict, modules)
+    file = files.weights.name
+    if files.twin is not None:
+        twin = _load_tensors(files.name, files.twin, twin_raw)
+        _check_matrices(files.name, files.twin.name, twin)
+        if not _same_weights(state_dict, twin):
+            raise AdapterError(
+                f"adapter {files.name!r} holds two layouts that disagree: {files.weights.name} (PEFT) and "
+                f"{files.twin.name} (diffusers) hold different weights. Was only one of them replaced? Keep one "
+                "file, or write both from the same weights"
+            )
+        file = f"{file} (= {files.twin.name})"
+    return AdapterWeights(files.name, layout, digest.hexdigest()[:12], state_dict, modules, file)
 
 
 def _adapted_modules(pipe, internal_name: str) -> int:
@@ -221,9 +317,10 @@ class AdapterRegistry:
     All calls happen on the worker's job thread, between jobs, so a running job is never disturbed.
     """
 
-    def __init__(self, pipe, lora_dir: Path) -> None:
+    def __init__(self, pipe, lora_dir: Path, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> None:
         self.pipe = pipe
         self.lora_dir = lora_dir
+        self.max_bytes = max_bytes
         self._loaded: dict[str, LoadedAdapter] = {}
         self._serial = 0
 
@@ -233,7 +330,10 @@ class AdapterRegistry:
 
     def load(self, name: str) -> LoadedAdapter:
         """Load (or reload) adapter `name` from LORA_DIR. Raises AdapterError; the old version then stays."""
-        weights = read_adapter(locate_adapter(self.lora_dir, name))
+        try:
+            weights = read_adapter(locate_adapter(self.lora_dir, name), self.max_bytes)
+        except AdapterError as error:
+            raise AdapterError(f"{error}{self._still_serving(name)}") from error
         current = self._loaded.get(name)
         if current is not None and current.version == weights.version:
             return current
@@ -241,7 +341,7 @@ class AdapterRegistry:
         internal_name = f"adapter{self._serial}"
         try:
             self.pipe.load_lora_weights(weights.state_dict, adapter_name=internal_name)
-        except (RuntimeError, ValueError, KeyError) as error:
+        except Exception as error:  # whatever diffusers and peft raise on a file that does not fit
             self._discard(internal_name)
             detail = " ".join(str(error).split()) or type(error).__name__
             raise AdapterError(
@@ -258,7 +358,9 @@ class AdapterRegistry:
             )
         if current is not None:
             self._discard(current.internal_name)
-        loaded = LoadedAdapter(name, internal_name, weights.layout, weights.version, adapted, time.time())
+        loaded = LoadedAdapter(
+            name, internal_name, weights.layout, weights.version, adapted, time.time(), weights.file
+        )
         self._loaded[name] = loaded
         logger.info(
             "adapter %s version %s loaded (%s layout, %d modules)", name, loaded.version, loaded.layout, adapted

@@ -15,6 +15,7 @@ from celery.worker.control import control_command
 from imagine.logs import LOG_FORMAT, tag_job_ids
 from imagine.queue import RELOAD_COMMAND, make_celery
 from worker.settings import WorkerSettings
+from worker.transport import screened_redis_transport
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,11 @@ settings = WorkerSettings()
 app = make_celery(settings, main="worker")
 app.conf.include = ["worker.tasks"]
 app.conf.worker_log_format = LOG_FORMAT
+# Messages reach Celery only once read as jobs: one that is not (undecodable, another task) is refused
+# and kept among the dead letters, instead of stopping the worker.
+app.conf.broker_transport = screened_redis_transport(
+    settings.queue_name, lambda queue, raw, refusal: service().refuse_message(queue, raw, refusal)
+)
 
 _service = None
 

@@ -8,6 +8,7 @@ with throttled progress events, stored with its metadata, and finished exactly o
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
@@ -19,9 +20,9 @@ import redis
 from celery import Celery
 
 from imagine.contract import JobRejected, parse_job_options
-from imagine.logs import job_context
-from imagine.queue import send_job
-from imagine.store import REDIS_OUTAGE_S, REDIS_UNREACHABLE, JobResult, JobStore
+from imagine.logs import OncePerKey, job_context
+from imagine.queue import RefusedMessage, messages_on_queue, send_job, task_id
+from imagine.store import REDIS_OUTAGE_S, REDIS_UNREACHABLE, CorruptRecord, JobRecord, JobResult, JobStore
 from worker.adapters import AdapterError, AdapterRegistry, list_adapters
 from worker.pipeline import choose_placement, load_pipeline
 from worker.renderer import JobInterrupted, Renderer, free_memory, is_out_of_memory, latent_preview
@@ -98,6 +99,8 @@ class GenerationService:
         # Both the job thread and the janitor publish this worker's status: taking the snapshot and writing
         # it under one lock means the last status written is always the newest one.
         self._status_lock = threading.Lock()
+        self._reported = OncePerKey(logger)
+        self._last_lost_check = 0.0
 
     @classmethod
     def start(cls, settings: WorkerSettings, worker_name: str, app: Celery) -> GenerationService:
@@ -106,7 +109,7 @@ class GenerationService:
         wait_until_name_is_free(store, worker_name, settings.worker_dead_after_s)
         placement = choose_placement(settings.device, settings.dtype)
         pipe = load_pipeline(settings.base_model, placement, settings.model_cache_dir, settings.safety_checker)
-        adapters = AdapterRegistry(pipe, settings.lora_dir)
+        adapters = AdapterRegistry(pipe, settings.lora_dir, settings.max_adapter_bytes)
         renderer = Renderer(pipe, adapters, settings.default_adapter, settings.allow_safety_checker_off)
         service = cls(settings, store, renderer, adapters, worker_name, app, str(placement.device))
         service.reload(list_adapters(settings.lora_dir))
@@ -136,7 +139,7 @@ class GenerationService:
             answer: dict[str, Any] = {"worker": self.worker_name, "adapter": name}
             try:
                 loaded = self.adapters.load(name)
-                answer.update(ok=True, version=loaded.version, layout=loaded.layout)
+                answer.update(ok=True, version=loaded.version, layout=loaded.layout, file=loaded.file)
                 self.adapter_errors.pop(name, None)
                 outcome = "unchanged" if previous is not None and previous.version == loaded.version else "loaded"
             except Exception as error:  # any adapter, however broken, is refused rather than stopping the worker
@@ -156,11 +159,14 @@ class GenerationService:
 
         Called by the reload control command (idle worker) and before every job (a worker that was busy,
         or disconnected, catches up before it renders anything else)."""
-        requests = self.store.reload_requests_after(self._reload_cursor)
-        if not requests:
+        entries = self.store.reload_requests_after(self._reload_cursor)
+        if not entries:
             return
         # Whatever happens below, these requests are handled: a broken one must not block every job after it.
-        self._reload_cursor = requests[-1][0]
+        self._reload_cursor = entries[-1][0]
+        requests = [(request_id, request) for request_id, request in entries if request is not None]
+        if not requests:
+            return
         named = {request["adapter"] for _, request in requests} - {"*"}
         everything = set(self.adapters.loaded) | set(list_adapters(self.settings.lora_dir))
         wants_all = any(request["adapter"] == "*" for _, request in requests)
@@ -180,12 +186,51 @@ class GenerationService:
 
     # Jobs ------------------------------------------------------------------------------------
 
+    def refuse_message(self, queue: str, raw: bytes, refusal: RefusedMessage) -> None:
+        """A message on the queue that is not a job of ours: logged (never its content, which may hold a
+        user's prompt), kept among the dead letters for an operator, and acknowledged away."""
+        logger.warning(
+            "refused a message on queue %s (%s, task %s, %d bytes): %s; kept in the dead letters "
+            "(imagine-admin dead-letters)",
+            queue,
+            refusal.kind,
+            refusal.task_id or "-",
+            len(raw),
+            refusal.reason,
+        )
+        details = {"queue": queue, "reason": refusal.reason, "task_id": refusal.task_id, "worker": self.worker_name}
+        self._record_metric(self.store.record_dead_letter, refusal.kind, details, raw)
+
+    def _check_against_record(self, job_id: str, options: dict[str, Any], attempt: int) -> JobRecord:
+        """The stored job is the truth: a message for a job never recorded, or whose options are not the
+        job's, is refused (RefusedMessage), and the job itself is left as it is."""
+        task = task_id(job_id, attempt)
+        try:
+            record = self._until_redis_answers("reading the job", lambda: self.store.get(job_id))
+        except CorruptRecord as error:
+            raise RefusedMessage("unknown_job", str(error), task) from None
+        if record is None:
+            raise RefusedMessage("unknown_job", f"no job {job_id} is recorded (never submitted, or expired)", task)
+        if record.options != options:
+            names = {*record.options, *options}
+            differing = sorted(str(name)[:40] for name in names if record.options.get(name) != options.get(name))
+            listed = ", ".join(differing[:10]) + (", ..." if len(differing) > 10 else "")
+            raise RefusedMessage("disagrees", f"its options differ from job {job_id}'s in {listed}", task)
+        return record
+
     def run_job(self, job_id: str, options: dict[str, Any], attempt: int) -> dict[str, Any]:
         with job_context(job_id):
             try:
                 self.sync_adapters()
             except Exception:  # Redis away for a moment: the job still runs, the reload is applied before the next
                 logger.exception("applying adapter reloads failed")
+            try:
+                record = self._check_against_record(job_id, options, attempt)
+            except RefusedMessage as refusal:
+                # Celery has decoded the message by now: what is kept is the task's arguments.
+                arguments = {"job_id": job_id, "options": options, "attempt": attempt}
+                self.refuse_message(self.settings.queue_name, json.dumps(arguments).encode(), refusal)
+                return {"job_id": job_id, "state": f"refused ({refusal.kind})"}
             try:
                 outcome = self._until_redis_answers(
                     "claiming the job", lambda: self.store.claim(job_id, attempt, self.worker_name)
@@ -198,7 +243,7 @@ class GenerationService:
                 self.current_job = (job_id, attempt)
                 self._rendering = job_id
                 self._publish_status_quietly()
-                return self._run_claimed(job_id, options, attempt)
+                return self._run_claimed(job_id, record.options, attempt)
             finally:
                 self.current_job = self._superseded = None
                 self._progress_lost = False  # the next job's progress starts afresh
@@ -288,7 +333,8 @@ class GenerationService:
         def on_step(step: int, total: int, latents) -> None:
             nonlocal last_event, last_preview
             now = time.monotonic()
-            if now - started > self.settings.job_time_limit_s:
+            # A render whose last step is done is not stopped for the time limit: only decoding is left.
+            if step < total and now - started > self.settings.job_time_limit_s:
                 raise JobInterrupted(
                     "timeout",
                     f"The job took longer than {self.settings.job_time_limit_s:g} s and was stopped; "
@@ -383,14 +429,16 @@ class GenerationService:
         logger.info("job %s done in %.2f s on %s", job_id, output.render_s, self.worker_name)
         return {"job_id": job_id, "state": "done", "render_s": meta["render_s"]}
 
-    @staticmethod
-    def _record_metric(record: Callable[..., None], *values: Any) -> None:
+    def _record_metric(self, record: Callable[..., None], *values: Any) -> None:
         """A metric matters less than the job or the reload it describes: a Redis error while recording
-        one is logged, and the job or the reload goes on."""
+        one is logged, and the job or the reload goes on. An unreadable record in the way (a counter that is
+        not a number) is logged once: it stays in the way until someone deletes it."""
         try:
             record(*values)
+        except REDIS_UNREACHABLE as error:
+            logger.warning("metric %s not recorded: %s", record.__name__, error)
         except redis.RedisError as error:
-            logger.warning("metric %s%s not recorded: %s", record.__name__, values, error)
+            self._reported.warning(f"{record.__name__}: {error}", "metric %s not recorded: %s", record.__name__, error)
 
     def _fail(self, job_id: str, attempt: int, client: str, reason: str, message: str) -> dict[str, Any]:
         logger.warning("job %s failed (%s): %s", job_id, reason, message)
@@ -408,7 +456,50 @@ class GenerationService:
             if current is not None and job_id == current[0]:
                 continue
             with job_context(job_id):
-                self._requeue_if_dead(job_id, dead_before, dead_worker)
+                self._for_each_job(job_id, "requeueing", self._requeue_if_dead, job_id, dead_before, dead_worker)
+
+    def _for_each_job(self, job_id: str, what: str, step: Callable[..., None], *args: Any) -> None:
+        """One job's share of a pass over many: a job whose record is unreadable (or whatever else goes wrong
+        with it) is logged once and skipped, and the pass goes on to the others."""
+        try:
+            step(*args)
+        except REDIS_UNREACHABLE:
+            raise  # not this job's fault: the janitor waits for Redis
+        except Exception as error:
+            self._reported.warning(
+                f"{what} {job_id}", "%s job %s failed; skipping it: %s", what, job_id, error, exc_info=True
+            )
+
+    def resend_lost_jobs(self) -> None:
+        """Send again the jobs queued for LOST_MESSAGE_AFTER_S whose message is on no queue: their front end
+        died between recording the job and sending its message, or the queue was purged. The claim keeps a
+        job that turns out to have had its message after all from running twice."""
+        lost_after = self.settings.lost_message_after_s
+        if time.monotonic() - self._last_lost_check < lost_after / 3:
+            return
+        self._last_lost_check = time.monotonic()
+        waiting = self.store.queued_before(self.store.now() - lost_after)
+        if not waiting:
+            return
+        on_queue = messages_on_queue(self.store.redis, self.settings.queue_name)
+        for job_id, queued_at in waiting:
+            with job_context(job_id):
+                self._for_each_job(job_id, "resending", self._resend_if_lost, job_id, queued_at, on_queue)
+
+    def _resend_if_lost(self, job_id: str, queued_at: float, on_queue: set[str]) -> None:
+        record = self.store.get(job_id)
+        if record is None or record.state != "queued" or task_id(job_id, record.attempt) in on_queue:
+            return
+        resent = self.store.resend_lost(job_id, record.attempt, queued_at, self.settings.max_job_attempts)
+        if resent < 0:
+            return
+        if resent == 0:
+            logger.error("job %s failed for good: its message went missing too often", job_id)
+            return
+        logger.warning("job %s attempt %d was queued with no message on the queue; sent again", job_id, record.attempt)
+        note = "Its message was lost; it was sent again."
+        self.store.append_event(job_id, {"type": "queued", "position": self.store.position(job_id), "message": note})
+        send_job(self.app, job_id, record.options, record.attempt)
 
     def _requeue_if_dead(self, job_id: str, dead_before: float, dead_worker: str) -> None:
         attempt = self.store.requeue_if_dead(job_id, dead_before, self.settings.max_job_attempts, dead_worker)
@@ -471,6 +562,7 @@ class GenerationService:
                     if current is not None and not self.store.heartbeat(*current, self.worker_name):
                         self._superseded = current
                     self.requeue_dead_jobs()
+                    self.resend_lost_jobs()
                     if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
                         last_prune = time.monotonic()
                         self.store.prune()

@@ -8,6 +8,9 @@ from pydantic import Field
 
 from imagine.settings import ServiceSettings
 
+DEFAULT_MAX_ADAPTER_BYTES = 512 * 2**20
+"""An SD 1.x LoRA of rank 128 is about 150 MB: a file far larger is refused before it is read."""
+
 
 class WorkerSettings(ServiceSettings):
     base_model: str = Field(
@@ -18,6 +21,11 @@ class WorkerSettings(ServiceSettings):
         Path("~/.cache/imagine").expanduser(), description="Where the built-in `tiny` model is saved on first use."
     )
     lora_dir: Path = Field(Path("./loradir"), description="One folder (or .safetensors file) per LoRA adapter.")
+    max_adapter_bytes: int = Field(
+        DEFAULT_MAX_ADAPTER_BYTES,
+        ge=1,
+        description="Larger adapter files are refused before they are read (a rank-128 SD 1.x LoRA is ~150 MB).",
+    )
     default_adapter: str = Field(
         "flickr30k", description="Adapter for jobs that name none; empty for the base model alone."
     )
@@ -33,4 +41,9 @@ class WorkerSettings(ServiceSettings):
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two step events of a job.")
     preview_interval_s: float = Field(
         2.0, ge=0, description="Least time between two preview images in step events; 0 sends none."
+    )
+    lost_message_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="A job queued this long whose message is on no queue (its sender died, a purge) is sent again.",
     )
