@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagine.client import ImagineClient
+from imagine.wire import EventType
 from tests.helpers import RedisServer, WorkerProcess, service_settings
 
 
@@ -41,13 +42,13 @@ def one_job(client: ImagineClient, options: dict) -> dict:
     started = time.perf_counter()
     job = client.submit(options)
     for event in client.events(job.job_id):
-        if event["type"] in ("failed", "cancelled"):
+        if event.type in (EventType.FAILED, EventType.CANCELLED):
             raise RuntimeError(event)
     result = client.result(job.job_id)
     end_to_end = time.perf_counter() - started
     client.confirm_delivery(job.job_id)
     record = client.job(job.job_id)
-    return {"e2e": end_to_end, "render": result.meta["render_s"], "started_at": record.started_at}
+    return {"e2e": end_to_end, "render": result.meta.render_s, "started_at": record.started_at}
 
 
 def main() -> None:

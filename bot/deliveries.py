@@ -1,14 +1,14 @@
-"""Where each job's result goes: kept in Redis, so a restarted bot picks up the jobs it was following."""
+"""Where each job's result goes: kept in Redis (the service client's records), so a restarted bot picks up
+the jobs it was following, and several bot processes never deliver one job twice."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
 
 from imagine.logs import OncePerKey
-from imagine.store import JobStore
+from imagine.store import FrontEndRecords
 
 logger = logging.getLogger(__name__)
 
@@ -37,60 +37,39 @@ class Delivery:
 
 
 class DeliveryStore:
-    def __init__(self, store: JobStore) -> None:
-        self.redis = store.redis
-        self.ttl_s = store.ttl_s
-        self._index = store.key("bot", "deliveries")
-        self._prefix = store.key("bot", "delivery")
+    def __init__(self, records: FrontEndRecords, ttl_s: float) -> None:
+        self.records = records
+        self.ttl_s = ttl_s
         self._unreadable = OncePerKey(logger)
 
-    def _key(self, job_id: str) -> str:
-        return f"{self._prefix}:{job_id}"
-
     def save(self, delivery: Delivery) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.set(self._key(delivery.job_id), json.dumps(asdict(delivery)), ex=self.ttl_s)
-            pipe.sadd(self._index, delivery.job_id)
-            pipe.execute()
+        self.records.put("delivery", delivery.job_id, asdict(delivery), self.ttl_s)
 
     def get(self, job_id: str) -> Delivery | None:
         """Where the job goes; None when there is no record, or it cannot be read (logged once)."""
-        key = self._key(job_id)
-        raw = self.redis.get(key)
-        if not raw:
+        record = self.records.get("delivery", job_id)
+        if record is None:
             return None
         try:
-            return Delivery(**json.loads(raw))
-        except (ValueError, TypeError, UnicodeDecodeError) as error:
-            self._unreadable.warning(key, "skipping an unreadable delivery record at %s: %s", key, error)
+            return Delivery(**record)
+        except TypeError as error:
+            self._unreadable.warning(job_id, "skipping the unreadable delivery record of job %s: %s", job_id, error)
             return None
 
     def pending(self) -> list[Delivery]:
         """Every job the bot still has to deliver, oldest records first; expired ones are dropped."""
-        deliveries = []
-        for member in self.redis.smembers(self._index):
-            delivery = self.get(member.decode())
-            if delivery is None:
-                self.redis.srem(self._index, member)
-            else:
-                deliveries.append(delivery)
-        return sorted(deliveries, key=lambda delivery: delivery.token_expires_at)
-
-    def _claim_key(self, job_id: str) -> str:
-        return f"{self._prefix}:{job_id}:delivering"
+        deliveries = [self.get(job_id) for job_id in self.records.names("delivery")]
+        return sorted((d for d in deliveries if d is not None), key=lambda delivery: delivery.token_expires_at)
 
     def claim(self, job_id: str) -> bool:
         """Take the right to deliver a job for DELIVERY_CLAIM_S: two bot processes never deliver the same job."""
-        return bool(self.redis.set(self._claim_key(job_id), 1, nx=True, ex=DELIVERY_CLAIM_S))
+        return self.records.claim("delivering", job_id, DELIVERY_CLAIM_S)
 
     def renew_claim(self, job_id: str) -> None:
-        self.redis.expire(self._claim_key(job_id), DELIVERY_CLAIM_S)
+        self.records.renew("delivering", job_id, DELIVERY_CLAIM_S)
 
     def release(self, job_id: str) -> None:
-        self.redis.delete(self._claim_key(job_id))
+        self.records.release("delivering", job_id)
 
     def remove(self, job_id: str) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.delete(self._key(job_id))
-            pipe.srem(self._index, job_id)
-            pipe.execute()
+        self.records.delete("delivery", job_id)

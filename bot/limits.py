@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from imagine.client import ImagineClient
 from imagine.contract import JobRejected
+from imagine.store import FrontEndRecords
 
 
 class LimitReached(JobRejected):
@@ -19,24 +19,20 @@ class LimitReached(JobRejected):
 
 
 class UserLimits:
-    def __init__(self, client: ImagineClient, max_pending: int, cooldown_s: float) -> None:
-        self.client = client
+    def __init__(self, records: FrontEndRecords, max_pending: int, cooldown_s: float) -> None:
+        self.records = records
         self.max_pending = max_pending
         """Passed to `submit`, which counts the user's jobs queued or rendering as it records a new one."""
         self.cooldown_s = cooldown_s
-
-    def _cooldown_key(self, user_id: int) -> str:
-        return self.client.store.key("bot", "cooldown", str(user_id))
 
     def admit(self, user_id: int) -> None:
         """Start the user's cooldown, or raise LimitReached saying when to try again."""
         if self.cooldown_s <= 0:
             return
-        key = self._cooldown_key(user_id)
-        if not self.client.store.redis.set(key, 1, nx=True, px=int(self.cooldown_s * 1000)):
-            wait_ms = max(self.client.store.redis.pttl(key), 0)
-            raise LimitReached(f"Slow down a little: try again in {math.ceil(wait_ms / 1000)} s.")
+        if not self.records.claim("cooldown", str(user_id), self.cooldown_s):
+            wait_s = self.records.claimed_for_s("cooldown", str(user_id))
+            raise LimitReached(f"Slow down a little: try again in {math.ceil(wait_s)} s.")
 
     def forgive(self, user_id: int) -> None:
         """Lift the cooldown of a submission the service refused (a full queue): it did not run."""
-        self.client.store.redis.delete(self._cooldown_key(user_id))
+        self.records.release("cooldown", str(user_id))

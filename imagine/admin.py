@@ -23,8 +23,8 @@ def format_reload(outcome: ReloadOutcome) -> str:
     rows = []
     for worker, answers in sorted(outcome.answers.items()):
         for answer in answers:
-            status = "ok" if answer["ok"] else f"REFUSED: {answer['error']}"
-            rows.append([worker, answer["adapter"], answer.get("version") or "-", f"{answer['seconds']:.3f}s", status])
+            status = "ok" if answer.ok else f"REFUSED: {answer.error}"
+            rows.append([worker, answer.adapter, answer.version or "-", f"{answer.seconds:.3f}s", status])
     for worker in outcome.waiting_for:
         rows.append([worker, "-", "-", "-", "busy: reloads before its next job"])
     if not rows:
@@ -35,16 +35,14 @@ def format_reload(outcome: ReloadOutcome) -> str:
 def format_adapters(client: ImagineClient) -> str:
     rows = []
     for worker, status in sorted(client.workers().items()):
-        default = status.get("default_adapter")
-        errors = status.get("adapter_errors", {})
-        for name, adapter in sorted(status["adapters"].items()):
-            marker = " (default)" if name == default else ""
+        errors = status.adapter_errors
+        for name, adapter in sorted(status.adapters.items()):
+            marker = " (default)" if name == status.default_adapter else ""
             # A refused reload leaves the previous version serving: both are worth seeing.
             state = f"serving; its new files were REFUSED: {errors[name]}" if name in errors else "ok"
-            file = adapter.get("file", "-")
-            rows.append([worker, name + marker, adapter["version"], adapter["layout"], file, state])
+            rows.append([worker, name + marker, adapter.version, adapter.layout, adapter.file, state])
         for name, error in sorted(errors.items()):
-            if name not in status["adapters"]:
+            if name not in status.adapters:
                 rows.append([worker, name, "-", "-", "-", f"REFUSED: {error}"])
     if not rows:
         return "no adapters loaded (or no worker online)"
@@ -89,16 +87,14 @@ def format_queue(client: ImagineClient) -> str:
         + (f" ({_by_label(counters.dead_letters)}; see imagine-admin dead-letters)" if refused else ""),
     ]
     for letter in stats.dead_letters[:3]:
-        lines.append(f"  refused {_when(letter.get('at'))}: {letter.get('kind')}: {letter.get('reason')}")
+        lines.append(f"  refused {_when(letter.at)}: {letter.kind}: {letter.reason}")
     for name, status in sorted(stats.workers.items()):
-        busy = f"busy with {status['current_job']}" if status.get("current_job") else "idle"
-        lines.append(f"  {name}: {busy}, {status['jobs_done']} jobs done, {status['device']}, {status['base_model']}")
+        busy = f"busy with {status.current_job}" if status.current_job else "idle"
+        lines.append(f"  {name}: {busy}, {status.jobs_done} jobs done, {status.device}, {status.base_model}")
     return "\n".join(lines)
 
 
-def _when(timestamp: object) -> str:
-    if not isinstance(timestamp, (int, float)):
-        return "at an unknown time"
+def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
@@ -110,11 +106,11 @@ def format_dead_letters(client: ImagineClient, with_messages: bool) -> str:
     lines = []
     for letter in letters:
         lines.append(
-            f"{_when(letter.get('at'))}  {letter.get('worker', '-')}  {letter.get('kind')}  "
-            f"task {letter.get('task_id') or '-'}  {letter.get('bytes')} bytes: {letter.get('reason')}"
+            f"{_when(letter.at)}  {letter.worker}  {letter.kind}  task {letter.task_id or '-'}  "
+            f"{letter.bytes} bytes: {letter.reason}"
         )
         if with_messages:
-            lines.append(f"    {letter.get('message')}")
+            lines.append(f"    {letter.message}")
     return "\n".join(lines)
 
 
@@ -155,7 +151,7 @@ def run_command(args: argparse.Namespace, client: ImagineClient, parser: argpars
         outcome = client.reload_adapters(args.name, timeout_s=args.timeout)
         print(format_reload(outcome))
         print(f"({time.monotonic() - started:.2f} s)")
-        refused = any(not answer["ok"] for answers in outcome.answers.values() for answer in answers)
+        refused = any(not answer.ok for answers in outcome.answers.values() for answer in answers)
         return 1 if refused or not outcome.answers else 0
     if args.command == "adapters":
         print(format_adapters(client))

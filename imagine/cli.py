@@ -3,49 +3,55 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from imagine.client import EXIT_UNREACHABLE, ImagineClient, unreachable_message
-from imagine.contract import NO_ADAPTER, SCHEDULERS, JobRejected
+from imagine.contract import MAX_PROMPT_CHARS, NO_ADAPTER, SCHEDULERS, JobRejected, default
 from imagine.settings import ServiceSettings
 from imagine.store import REDIS_UNREACHABLE
+from imagine.wire import Cancelled, Failed, Queued, Started, Step
 
 EXIT_FAILED, EXIT_REFUSED, EXIT_CANCELLED = 1, 2, 3
 
 
 def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
+    """Every option of the contract, with its range from the service's limits and its default from the
+    contract; an option left out is left to the contract's default."""
     ranges = settings.limits.ranges()
 
     def span(option: str) -> str:
         low, high = ranges[option]
-        return f"{low} to {high}"
+        return f"{low} to {high}, default {default(option)}"
 
     parser = argparse.ArgumentParser(
         prog="imagine", description="Render images with the Stable Diffusion workers behind the queue."
     )
-    parser.add_argument("prompt", help="What to draw.")
-    parser.add_argument("--negative-prompt", default="", help="What to keep out of the image.")
-    parser.add_argument("--steps", type=int, default=30, help=f"Denoising steps, {span('num_inference_steps')}.")
-    parser.add_argument("--guidance", type=float, default=7.5, help=f"Guidance scale, {span('guidance_scale')}.")
-    parser.add_argument("--width", type=int, default=512, help=f"Width in pixels, {span('width')}, a multiple of 8.")
+    parser.add_argument("prompt", help=f"What to draw (at most {MAX_PROMPT_CHARS} characters).")
+    parser.add_argument("--negative-prompt", help="What to keep out of the image.")
+    parser.add_argument("--steps", type=int, help=f"Denoising steps, {span('num_inference_steps')}.")
+    parser.add_argument("--guidance", type=float, help=f"Guidance scale, {span('guidance_scale')}.")
+    parser.add_argument("--width", type=int, help=f"Width in pixels, {span('width')}, a multiple of 8.")
+    parser.add_argument("--height", type=int, help=f"Height in pixels, {span('height')}, a multiple of 8.")
+    parser.add_argument("--seed", type=int, help="Seed of the first image (random when absent).")
+    parser.add_argument("--count", type=int, help=f"Number of images, {span('num_images_per_prompt')}.")
     parser.add_argument(
-        "--height", type=int, default=512, help=f"Height in pixels, {span('height')}, a multiple of 8."
+        "--adapter", help=f"LoRA adapter name (default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': base)."
     )
-    parser.add_argument("--seed", type=int, default=None, help="Seed of the first image (random when absent).")
-    parser.add_argument("--count", type=int, default=1, help=f"Number of images, {span('num_images_per_prompt')}.")
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        help=f"LoRA adapter name (default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': base).",
-    )
-    parser.add_argument("--adapter-scale", type=float, default=1.0, help=f"Adapter strength, {span('adapter_scale')}.")
-    parser.add_argument("--scheduler", default="default", choices=SCHEDULERS, help="Sampler.")
+    parser.add_argument("--adapter-scale", type=float, help=f"Adapter strength, {span('adapter_scale')}.")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help=f"Sampler, default {default('scheduler')}.")
     parser.add_argument("--out", type=Path, default=Path("out"), help="Folder for the PNGs and the metadata JSON.")
     return parser
+
+
+# The contract's name of each option the parser takes under another name.
+OPTION_NAMES = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "count": "num_images_per_prompt",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,19 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
-    options = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "width": args.width,
-        "height": args.height,
-        "seed": args.seed,
-        "num_images_per_prompt": args.count,
-        "adapter": args.adapter,
-        "adapter_scale": args.adapter_scale,
-        "scheduler": args.scheduler,
-    }
+    given = {name: value for name, value in vars(args).items() if name != "out" and value is not None}
+    options = {OPTION_NAMES.get(name, name): value for name, value in given.items()}
     client = ImagineClient(settings, client_name="cli")
     try:
         job = client.submit(options)
@@ -85,23 +80,23 @@ def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
     bar = None
     try:
         for event in client.events(job.job_id):
-            kind = event["type"]
-            if kind == "queued" and event.get("message"):
-                print(f"job {job.job_id}: {event['message']}", file=sys.stderr)
-            elif kind == "started":
-                print(f"job {job.job_id}: started on {event['worker']}", file=sys.stderr)
-                for warning in event.get("warnings", []):
-                    print(f"warning: {warning}", file=sys.stderr)
-                bar = tqdm(desc="rendering", unit="step", file=sys.stderr)
-            elif kind == "step" and bar is not None:
-                bar.total = event["total"]
-                bar.update(event["step"] - bar.n)
-            elif kind == "failed":
-                print(f"imagine: job failed: {event['message']}", file=sys.stderr)
-                return EXIT_FAILED
-            elif kind == "cancelled":
-                print(f"imagine: job cancelled: {event.get('message', '')}", file=sys.stderr)
-                return EXIT_CANCELLED
+            match event:
+                case Queued(message=str(message)):
+                    print(f"job {job.job_id}: {message}", file=sys.stderr)
+                case Started():
+                    print(f"job {job.job_id}: started on {event.worker}", file=sys.stderr)
+                    for warning in event.warnings:
+                        print(f"warning: {warning}", file=sys.stderr)
+                    bar = tqdm(desc="rendering", unit="step", file=sys.stderr)
+                case Step() if bar is not None:
+                    bar.total = event.total
+                    bar.update(event.step - bar.n)
+                case Failed():
+                    print(f"imagine: job failed: {event.message}", file=sys.stderr)
+                    return EXIT_FAILED
+                case Cancelled():
+                    print(f"imagine: job cancelled: {event.message}", file=sys.stderr)
+                    return EXIT_CANCELLED
     except KeyboardInterrupt:
         print(f"\nimagine: {client.cancel(job.job_id)} job {job.job_id}", file=sys.stderr)
         return EXIT_CANCELLED
@@ -126,10 +121,10 @@ def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
     for image, png in result.delivered_images():
         path = args.out / result.file_name(image)
         path.write_bytes(png)
-        image["file"] = path.name
+        image.file = path.name
         print(path)
-    (args.out / f"{job.job_id}.json").write_text(json.dumps(result.meta, indent=2))
-    for warning in result.meta.get("warnings", []):
+    (args.out / f"{job.job_id}.json").write_text(result.meta.model_dump_json(exclude_unset=True, indent=2))
+    for warning in result.meta.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     client.confirm_delivery(job.job_id)
     return 0

@@ -17,7 +17,17 @@ from kombu.utils.url import maybe_sanitize_url
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.queue import RELOAD_COMMAND, make_celery, send_job
 from imagine.settings import ServiceSettings
-from imagine.store import DurationStats, JobRecord, JobResult, JobStore, ServiceCounters
+from imagine.store import (
+    REDIS_OUTAGE_S,
+    DurationStats,
+    FrontEndRecords,
+    JobFollower,
+    JobRecord,
+    JobResult,
+    JobStore,
+    ServiceCounters,
+)
+from imagine.wire import DeadLetter, JobEvent, ReloadAnswer, WorkerStatus
 
 EXIT_UNREACHABLE = 4
 """Exit status of `imagine` and `imagine-admin` when they cannot reach Redis."""
@@ -59,13 +69,13 @@ class QueueStats:
 
     queued: int
     running: list[str]
-    workers: dict[str, dict[str, Any]]
+    workers: dict[str, WorkerStatus]
     render: DurationStats
     queue_wait: DurationStats
     """From a job's submission until a worker started it (again, for a job requeued after its worker died)."""
     counters: ServiceCounters
     failures_last_hour: dict[str, int]
-    dead_letters: list[dict[str, Any]]
+    dead_letters: list[DeadLetter]
     """The latest queue messages workers refused, newest first."""
 
     @property
@@ -118,19 +128,18 @@ class ImagineClient:
             raise
         return SubmittedJob(job_id=job_id, options=checked, position=position)
 
-    def ensure_room(self) -> None:
-        """Raise QueueFull when no job can be queued now (a check ahead of `submit`, which checks again)."""
-        if self.store.queue_length() >= self.settings.max_queue_length:
-            raise self._queue_full()
-
     def _queue_full(self) -> QueueFull:
         return QueueFull(
             f"The queue is full ({self.settings.max_queue_length} jobs waiting); try again in a few minutes."
         )
 
-    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+    def events(self, job_id: str) -> Iterator[JobEvent]:
         """The job's events in order (queued, started, step..., then done, failed or cancelled)."""
         return self.store.follow(job_id)
+
+    def follower(self, job_id: str, outage_s: float | None = REDIS_OUTAGE_S) -> JobFollower:
+        """A job's events to poll at a front end's own pace (the bot's event loop), through Redis restarts."""
+        return JobFollower(self.store, job_id, outage_s)
 
     def job(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)
@@ -144,14 +153,11 @@ class ImagineClient:
     def confirm_delivery(self, job_id: str) -> bool:
         return self.store.confirm_delivery(job_id)
 
-    def undelivered(self) -> list[str]:
-        """Finished jobs of this front end whose delivery nobody has confirmed yet."""
-        return self.store.undelivered(self.client_name)
+    def records(self) -> FrontEndRecords:
+        """This front end's own records in the service's Redis (what it must remember across restarts)."""
+        return self.store.records(self.client_name)
 
-    def pending_for_owner(self, owner: str) -> list[str]:
-        return self.store.pending_for_owner(owner)
-
-    def workers(self) -> dict[str, dict[str, Any]]:
+    def workers(self) -> dict[str, WorkerStatus]:
         return self.store.workers(alive_within_s=self.settings.worker_dead_after_s)
 
     def queue_stats(self) -> QueueStats:
@@ -188,7 +194,7 @@ class ImagineClient:
 @dataclass(frozen=True)
 class ReloadOutcome:
     request_id: str
-    answers: dict[str, list[dict[str, Any]]]
-    """Worker name -> one answer per adapter: name, ok, version (content hash) or error, seconds."""
+    answers: dict[str, list[ReloadAnswer]]
+    """Worker name -> one answer per adapter."""
     waiting_for: list[str]
     """Workers online that had not answered by the timeout (busy with a job: they reload before the next)."""

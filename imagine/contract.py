@@ -24,6 +24,8 @@ ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 HARD_MAX_IMAGES = 4
+GUIDANCE_RANGE = (0.0, 30.0)
+ADAPTER_SCALE_RANGE = (0.0, 2.0)
 
 
 class JobRejected(ValueError):
@@ -48,12 +50,12 @@ class Limits:
         """The allowed range of each numeric option, as shown in error messages and help texts."""
         return {
             "num_inference_steps": (1, self.max_steps),
-            "guidance_scale": (0.0, 30.0),
+            "guidance_scale": GUIDANCE_RANGE,
             "width": (self.min_side, self.max_side),
             "height": (self.min_side, self.max_side),
             "seed": (0, MAX_SEED),
             "num_images_per_prompt": (1, min(self.max_images, HARD_MAX_IMAGES)),
-            "adapter_scale": (0.0, 2.0),
+            "adapter_scale": ADAPTER_SCALE_RANGE,
         }
 
 
@@ -117,6 +119,11 @@ class JobOptions(BaseModel):
         if self.seed is None:
             raise RuntimeError("seeds are known once parse_job_options has drawn the seed")
         return [self.seed + index for index in range(self.num_images_per_prompt)]
+
+
+def default(option: str) -> Any:
+    """An option's default, for front ends that show it (help texts, Discord's option descriptions)."""
+    return JobOptions.model_fields[option].default
 
 
 def _range_message(option: str, low: float, high: float, value: Any) -> str:

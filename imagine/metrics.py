@@ -81,9 +81,9 @@ class ServiceCollector(Collector):
             labels=["worker", "adapter"],
         )
         for worker, status in sorted(stats.workers.items()):
-            for name, adapter in sorted(status["adapters"].items()):
-                serving.add_metric([worker, name, str(adapter.get("version"))], 1)
-            for name in sorted(status.get("adapter_errors", {})):
+            for name, adapter in sorted(status.adapters.items()):
+                serving.add_metric([worker, name, adapter.version], 1)
+            for name in sorted(status.adapter_errors):
                 refused.add_metric([worker, name], 1)
         yield serving
         yield refused

@@ -19,7 +19,7 @@ from celery import Celery
 from kombu.transport.redis import Channel as RedisChannel
 
 from imagine.settings import ServiceSettings
-from imagine.store import DEAD_LETTER_KINDS
+from imagine.wire import DeadLetterKind
 
 GENERATE_TASK = "imagine.generate"
 RELOAD_COMMAND = "imagine_sync_adapters"
@@ -79,14 +79,9 @@ def send_job(app: Celery, job_id: str, options: dict, attempt: int) -> None:
 class RefusedMessage(ValueError):
     """A raw message that is not a job of ours. The reason names what is wrong, never the body's content."""
 
-    def __init__(self, kind: str, reason: str, task_id: str | None = None) -> None:
-        """`kind` is one of DEAD_LETTER_KINDS: undecodable (not a kombu message of JSON), not_a_job (another
-        task, or not our arguments), unknown_job (never recorded, or its record is unreadable or expired),
-        disagrees (its options are not those recorded with the job)."""
-        if kind not in DEAD_LETTER_KINDS:
-            raise ValueError(f"unknown refusal kind {kind!r}")
+    def __init__(self, kind: DeadLetterKind, reason: str, task_id: str | None = None) -> None:
         super().__init__(reason)
-        self.kind = kind
+        self.kind = DeadLetterKind(kind)
         self.reason = reason
         self.task_id = task_id
 
@@ -108,14 +103,16 @@ def _envelope(raw: bytes) -> dict[str, Any]:
     try:
         envelope = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
-        raise RefusedMessage("undecodable", f"the message is not JSON ({error})") from None
+        raise RefusedMessage(DeadLetterKind.UNDECODABLE, f"the message is not JSON ({error})") from None
     if not isinstance(envelope, dict):
-        raise RefusedMessage("undecodable", f"the message is a JSON {type(envelope).__name__}, not an object")
+        raise RefusedMessage(
+            DeadLetterKind.UNDECODABLE, f"the message is a JSON {type(envelope).__name__}, not an object"
+        )
     properties, headers = envelope.get("properties"), envelope.get("headers")
     if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
-        raise RefusedMessage("undecodable", "the message has no properties with a delivery tag")
+        raise RefusedMessage(DeadLetterKind.UNDECODABLE, "the message has no properties with a delivery tag")
     if not isinstance(headers, dict):
-        raise RefusedMessage("undecodable", "the message has no headers")
+        raise RefusedMessage(DeadLetterKind.UNDECODABLE, "the message has no headers")
     return envelope
 
 
@@ -125,42 +122,50 @@ def read_job_message(raw: bytes) -> JobMessage:
     headers, properties = envelope["headers"], envelope["properties"]
     task = headers.get("id") if isinstance(headers.get("id"), str) else None
     if envelope.get("content-type") != "application/json":
-        raise RefusedMessage("undecodable", f"content type {_short(envelope.get('content-type'))} is not JSON", task)
+        raise RefusedMessage(
+            DeadLetterKind.UNDECODABLE, f"content type {_short(envelope.get('content-type'))} is not JSON", task
+        )
     if headers.get("compression"):
-        raise RefusedMessage("undecodable", "compressed messages are not accepted", task)
+        raise RefusedMessage(DeadLetterKind.UNDECODABLE, "compressed messages are not accepted", task)
     body = envelope.get("body")
     if not isinstance(body, str):
-        raise RefusedMessage("undecodable", "the message has no body", task)
+        raise RefusedMessage(DeadLetterKind.UNDECODABLE, "the message has no body", task)
     if properties.get("body_encoding") == "base64":
         try:
             body = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError) as error:
-            raise RefusedMessage("undecodable", f"the body is not valid base64 ({error})", task) from None
+            raise RefusedMessage(DeadLetterKind.UNDECODABLE, f"the body is not valid base64 ({error})", task) from None
     elif properties.get("body_encoding") is not None:
-        raise RefusedMessage("undecodable", f"unknown body encoding {_short(properties['body_encoding'])}", task)
+        raise RefusedMessage(
+            DeadLetterKind.UNDECODABLE, f"unknown body encoding {_short(properties['body_encoding'])}", task
+        )
     try:
         arguments = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
-        raise RefusedMessage("undecodable", f"the body is not JSON ({error})", task) from None
+        raise RefusedMessage(DeadLetterKind.UNDECODABLE, f"the body is not JSON ({error})", task) from None
 
     if headers.get("task") != GENERATE_TASK:
-        raise RefusedMessage("not_a_job", f"task {_short(headers.get('task'))} is not {GENERATE_TASK}", task)
+        raise RefusedMessage(
+            DeadLetterKind.NOT_A_JOB, f"task {_short(headers.get('task'))} is not {GENERATE_TASK}", task
+        )
     if not (isinstance(arguments, list) and len(arguments) == 3):
-        raise RefusedMessage("not_a_job", "the body is not Celery's [args, kwargs, embed]", task)
+        raise RefusedMessage(DeadLetterKind.NOT_A_JOB, "the body is not Celery's [args, kwargs, embed]", task)
     args, kwargs, embed = arguments
     if args != [] or not isinstance(kwargs, dict) or not isinstance(embed, dict):
-        raise RefusedMessage("not_a_job", "a job takes keyword arguments only", task)
+        raise RefusedMessage(DeadLetterKind.NOT_A_JOB, "a job takes keyword arguments only", task)
     if set(kwargs) != JOB_MESSAGE_KWARGS:
         names = ", ".join(sorted(str(name)[:40] for name in kwargs))
         expected = ", ".join(sorted(JOB_MESSAGE_KWARGS))
-        raise RefusedMessage("not_a_job", f"a job's arguments are {expected} (got {names})", task)
+        raise RefusedMessage(DeadLetterKind.NOT_A_JOB, f"a job's arguments are {expected} (got {names})", task)
     job_id, options, attempt = kwargs["job_id"], kwargs["options"], kwargs["attempt"]
     if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
-        raise RefusedMessage("not_a_job", "job_id is not a job id (letters, digits, '_' and '-', at most 64)", task)
+        raise RefusedMessage(
+            DeadLetterKind.NOT_A_JOB, "job_id is not a job id (letters, digits, '_' and '-', at most 64)", task
+        )
     if not isinstance(options, dict):
-        raise RefusedMessage("not_a_job", "options is not an object", task)
+        raise RefusedMessage(DeadLetterKind.NOT_A_JOB, "options is not an object", task)
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise RefusedMessage("not_a_job", "attempt is not a positive integer", task)
+        raise RefusedMessage(DeadLetterKind.NOT_A_JOB, "attempt is not a positive integer", task)
     return JobMessage(task, job_id, options, attempt)
 
 

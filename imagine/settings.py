@@ -49,5 +49,5 @@ class ServiceSettings(BaseSettings):
     @property
     def visibility_timeout_s(self) -> int:
         # Must outlast the longest job, or the broker hands a running job to a second worker
-        # (celery #5935). Redelivery after a worker died is ours to do (the janitor in worker/service.py).
+        # (celery #5935). Redelivery after a worker died is ours to do (the janitor in worker/liveness.py).
         return int(max(3600, 2 * self.job_time_limit_s))

@@ -231,7 +231,7 @@ class WorkerProcess(ServiceProcess):
     def is_ready(self) -> bool:
         """This process's own heartbeat is in Redis (not the last one of a process killed a moment ago)."""
         status = self._store.workers(alive_within_s=5).get(self.name)
-        return status is not None and status["heartbeat_at"] > self._started_at
+        return status is not None and status.heartbeat_at > self._started_at
 
 
 def png_size(data: bytes) -> tuple[int, int]:

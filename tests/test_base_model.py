@@ -66,11 +66,11 @@ def test_folder_of_other_dimensions_serves_and_safety_checker_withholds(start_wo
         }
     )
     events = list(client.events(job.job_id))
-    assert events[-1]["type"] == "done" and events[-1]["withheld"] == 2
+    assert events[-1].type == "done" and events[-1].withheld == 2
     result = client.result(job.job_id)
-    assert result.images == [] and [image["withheld"] for image in result.meta["images"]] == [True, True]
-    assert "safety checker withheld 2 of 2 images" in result.meta["warnings"][0]
-    assert result.meta["base_model"] == str(folder)
+    assert result.images == [] and [image.withheld for image in result.meta.images] == [True, True]
+    assert "safety checker withheld 2 of 2 images" in result.meta.warnings[0]
+    assert result.meta.base_model == str(folder)
 
     unsafe = client.submit(
         {
@@ -83,7 +83,7 @@ def test_folder_of_other_dimensions_serves_and_safety_checker_withholds(start_wo
         }
     )
     refused = list(client.events(unsafe.job_id))[-1]
-    assert refused["type"] == "failed" and "does not allow turning the safety checker off" in refused["message"]
+    assert refused.type == "failed" and "does not allow turning the safety checker off" in refused.message
 
 
 def test_safety_checker_setting_turns_it_off(tmp_path):

@@ -98,6 +98,17 @@ def final_message(fake: FakeDiscord, interaction_id: str) -> dict:
     )
 
 
+def job_of(message: dict) -> str:
+    """The job a message shows, from its buttons' ids (`imagine:<action>:<owner>:<job>`)."""
+    return message["components"][0]["components"][0]["custom_id"].split(":")[3]
+
+
+def delivered(settings, job_id: str) -> bool:
+    """The job's delivery is confirmed: the service has let its result go."""
+    client = ImagineClient(settings)
+    return client.job(job_id).state == "done" and client.result(job_id) is None
+
+
 def ephemeral_reply(fake: FakeDiscord, interaction_id: str) -> str:
     interaction = fake.interaction(interaction_id)
 
@@ -154,7 +165,7 @@ def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
     labels = [component["label"] for row in message["components"] for component in row["components"]]
     assert labels == ["Reroll", "Variations of 1", "Variations of 2", "Delete"]
     # The bot's log follows the job by its id, as the worker's does.
-    job_id = message["components"][0]["components"][0]["custom_id"].split(":")[3]
+    job_id = job_of(message)
 
     def job_lines() -> list[str]:
         return [line for line in bot.log_path.read_text().splitlines() if job_id in line]
@@ -250,11 +261,13 @@ def test_bot_restarted_mid_job_delivers_the_result_once(discord_env):
     syncs = fake.sync_calls
     wait_idle(settings, busy)
     client = ImagineClient(settings, client_name="discord")
-    wait_for(lambda: client.undelivered(), 60, "the job to finish while the bot is down")
+    job_id = job_of(interaction.original)
+    wait_for(lambda: client.job(job_id).state == "done", 60, "the job to finish while the bot is down")
+    assert client.result(job_id) is not None  # kept for the bot
     bot.start()
     message = final_message(fake, interaction_id)
     assert message["embeds"][0]["description"] == "survives a restart"
-    fake.wait_for(lambda: not client.undelivered(), what="the delivery to be confirmed")
+    fake.wait_for(lambda: delivered(settings, job_id), what="the delivery to be confirmed")
     final_edits = [edit for edit in interaction.original_edits if edit.get("embeds")]
     assert len(final_edits) == 1
     assert fake.sync_calls == syncs  # unchanged commands are not synced again
@@ -355,7 +368,13 @@ def test_adapter_autocomplete_lists_the_workers_adapters(discord_env):
 
 def test_bot_imports_no_torch():
     probe = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import bot.__main__, bot.app, bot.cogs.imagine, bot.cogs.admin"],
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            "import bot.__main__, bot.app, bot.cogs.imagine, bot.cogs.jobs, bot.cogs.admin",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -386,7 +405,7 @@ def test_redis_crash_mid_job_users_are_told_and_the_result_still_arrives(model_c
         long_job = {"prompt": "through a Redis crash", "size": "square", "steps": 40, "seed": 3, "adapter": "none"}
         through_crash = fake.send_slash_command(ALICE, "imagine", long_job)
         job_id = wait_for(lambda: client.store.running_jobs(), 60, "the job to start")[0]
-        wait_for(lambda: any(e["type"] == "step" for _, e in client.store.read_events(job_id)), 60, "a step")
+        wait_for(lambda: any(e.type == "step" for _, e in client.store.read_events(job_id)), 60, "a step")
         server.crash()
 
         sent = time.monotonic()
@@ -428,7 +447,7 @@ def test_sigterm_finishes_the_delivery_under_way_then_closes_the_gateway(discord
     assert fake.client_close_codes[closes:] == [1000]  # the gateway session closed, not dropped
     log = bot.log_path.read_text()
     assert "SIGTERM received: finishing the deliveries under way" in log and " INFO bot: stopped" in log
-    assert not ImagineClient(settings, client_name="discord").undelivered()
+    assert delivered(settings, job_of(final_message(fake, interaction_id)))
     bot.start()
 
 
@@ -446,4 +465,4 @@ def test_bot_killed_mid_delivery_delivers_soon_after_restart_and_once(discord_en
     assert message["embeds"][0]["description"] == "crash while delivering"
     interaction = fake.interaction(interaction_id)
     assert len([edit for edit in interaction.original_edits if edit.get("embeds")]) == 1
-    assert not ImagineClient(settings, client_name="discord").undelivered()
+    fake.wait_for(lambda: delivered(settings, job_of(message)), what="the delivery to be confirmed")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 def test_cooldown_says_when_to_try_again(redis_server):
     client = ImagineClient(service_settings(redis_server.url, f"l{uuid.uuid4().hex[:8]}"))
-    limits = UserLimits(client, max_pending=2, cooldown_s=30)
+    limits = UserLimits(client.records(), max_pending=2, cooldown_s=30)
     limits.admit(42)
     with pytest.raises(LimitReached, match=r"Slow down a little: try again in (29|30) s\."):
         limits.admit(42)
@@ -34,7 +34,7 @@ def test_pending_jobs_count_per_user(redis_server):
 
 def test_a_refused_submission_does_not_hold_the_cooldown(redis_server):
     client = ImagineClient(service_settings(redis_server.url, f"l{uuid.uuid4().hex[:8]}"))
-    limits = UserLimits(client, max_pending=1, cooldown_s=30)
+    limits = UserLimits(client.records(), max_pending=1, cooldown_s=30)
     limits.admit(42)
     limits.forgive(42)  # what the bot does when the service refused the job (a full queue)
     limits.admit(42)
@@ -44,11 +44,11 @@ def test_unreadable_delivery_records_are_skipped(redis_server):
     from bot.deliveries import Delivery, DeliveryStore
 
     client = ImagineClient(service_settings(redis_server.url, f"l{uuid.uuid4().hex[:8]}"))
-    deliveries = DeliveryStore(client.store)
+    deliveries = DeliveryStore(client.records(), ttl_s=60)
     good = Delivery("a" * 32, user_id=1, channel_id=2, application_id=3, interaction_token="t", token_expires_at=0)
     deliveries.save(good)
     deliveries.save(Delivery("b" * 32, 1, 2, 3, "t", 0))
-    client.store.redis.set(client.store.key("bot", "delivery", "b" * 32), b"{not json")  # a restarted bot gets past it
+    client.store.redis.set(client.store.key("cli", "delivery", "b" * 32), b"{not json")  # a restarted bot gets past it
     assert deliveries.pending() == [good]
 
 
@@ -73,7 +73,10 @@ def test_racing_submissions_cannot_pass_the_per_user_limit_together(redis_server
         thread.join(30)
     assert sorted(outcomes).count("queued") == 2 and len(outcomes) == 8
     assert all(outcome.startswith("You already have 2 jobs") for outcome in outcomes if outcome != "queued")
-    assert len(clients[0].pending_for_owner("42")) == 2
+    # The two that passed are the user's share: a third is refused, another user's is not.
+    with pytest.raises(TooManyPending):
+        clients[0].submit({"prompt": "one more"}, owner="42", max_pending_for_owner=2)
+    clients[0].submit({"prompt": "another user's"}, owner="43", max_pending_for_owner=2)
 
 
 def test_a_burst_of_submissions_from_many_users_never_passes_the_limits(redis_server):

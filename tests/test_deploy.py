@@ -31,6 +31,7 @@ from packaging.utils import canonicalize_name
 from bot.settings import BotSettings
 from imagine.settings import ServiceSettings
 from imagine.store import JobStore
+from imagine.wire import WorkerStatus
 from tests.helpers import BIN, REPO, free_port, wait_for
 from tests.test_docs import documented_default, settings_by_environment_variable
 from worker.settings import WorkerSettings
@@ -390,7 +391,7 @@ def test_worker_healthcheck_follows_its_heartbeat_in_redis(compose, redis_server
         return run.returncode == 0
 
     assert not healthy(), "no heartbeat yet"
-    status = {"device": "cuda:0", "base_model": "CompVis/stable-diffusion-v1-4", "adapters": {}, "jobs_done": 0}
+    status = WorkerStatus(device="cuda:0", base_model="CompVis/stable-diffusion-v1-4", adapters={}, jobs_done=0)
     store.publish_worker("other@host", status)
     assert not healthy(), "another worker's heartbeat"
     store.publish_worker(name, status)

@@ -25,7 +25,7 @@ SECRET = "hunter2-in-a-prompt"
 
 
 def kinds(events: list[dict]) -> list[str]:
-    return [event["type"] for event in events]
+    return [event.type for event in events]
 
 
 def raw_job_message(settings, job_id: str, options: dict, attempt: int = 1) -> dict:
@@ -77,9 +77,14 @@ def test_messages_that_are_not_jobs_are_refused_and_kept_and_the_worker_serves_o
         expected[kind] += 1
     assert client.queue_stats().counters.dead_letters == expected
     letters = client.store.dead_letters()
-    assert len(letters) == len(hostile) and {letter["worker"] for letter in letters} == {worker.name}
+    assert len(letters) == len(hostile) and {letter.worker for letter in letters} == {worker.name}
     assert r.llen(settings.queue_name) == 0  # acknowledged away: a restart meets none of them again
-    assert not [entry for entry in r.hvals(RedisChannel.unacked_key) if settings.queue_name.encode() in entry]
+
+    def unacknowledged() -> list:
+        return [entry for entry in r.hvals(RedisChannel.unacked_key) if settings.queue_name.encode() in entry]
+
+    # The last job's message is acknowledged once its task returns, a moment after its outcome.
+    wait_for(lambda: not unacknowledged(), 30, "the last message to be acknowledged")
 
     # One warning each, naming what is wrong and never what the message holds.
     log = worker.log_path.read_text()
@@ -115,9 +120,9 @@ def test_a_message_that_disagrees_with_its_stored_job_renders_nothing(start_work
 
     events = list(client.events(job.job_id))
     assert kinds(events).count("started") == 1 and kinds(events)[-1] == "done"
-    assert client.result(job.job_id).meta["prompt"] == "the prompt the user typed"
+    assert client.result(job.job_id).meta.prompt == "the prompt the user typed"
     (letter,) = wait_for(client.store.dead_letters, 30, "the forged message to be refused")
-    assert letter["kind"] == "disagrees" and "differ from job" in letter["reason"] and "prompt" in letter["reason"]
+    assert letter.kind == "disagrees" and "differ from job" in letter.reason and "prompt" in letter.reason
     assert "a forged prompt" not in worker.log_path.read_text()
 
 
@@ -139,8 +144,8 @@ def test_jobs_whose_message_went_missing_are_sent_again_and_run_once(redis_serve
     for job_id, attempt in ((unsent, 1), (requeued, 2)):
         events = list(client.events(job_id))
         assert kinds(events).count("started") == 1 and kinds(events)[-1] == "done"
-        assert client.result(job_id).meta["attempt"] == attempt
-    assert any(event.get("message") == "Its message was lost; it was sent again." for event in events)
+        assert client.result(job_id).meta.attempt == attempt
+    assert any(getattr(event, "message", None) == "Its message was lost; it was sent again." for event in events)
 
     # Jobs waiting with their message on the queue are left alone...
     busy = client.submit(BUSY)
@@ -179,7 +184,7 @@ def test_unreadable_records_are_skipped_and_everything_else_goes_on(redis_server
     worker = start_worker(settings, name="survivor")  # the garbage status does not keep it from starting
     assert kinds(client.events(followed.job_id))[-1] == "done"
     orphan_events = list(client.events(orphan.job_id))
-    assert kinds(orphan_events)[-1] == "done" and orphan_events[-1]["worker"] == worker.name
+    assert kinds(orphan_events)[-1] == "done" and orphan_events[-1].worker == worker.name
 
     bad_requests = [
         r.xadd(store.key("reloads"), {"request": b"{not json"}).decode(),

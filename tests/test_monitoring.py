@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagine.client import ImagineClient
+from imagine.wire import ResultMeta, WorkerStatus
 from tests.helpers import (
     BIN,
     ServiceProcess,
@@ -106,11 +107,11 @@ class MonitoredRun:
     worker: WorkerProcess
     done_job: str
     failed_job: str
-    done_meta: dict
+    done_meta: ResultMeta
     metrics_while_queued: dict
     queue_while_queued: str
     reload_output: str
-    worker_status: dict
+    worker_status: WorkerStatus
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +144,9 @@ def monitored(redis_server, model_cache, tmp_path_factory, adapter_weights):
 
         worker.start()
         wait_for(lambda: worker.name in flower.api("/api/workers?refresh=1")[1], 30, "Flower to list the worker")
-        assert list(client.events(done_job))[-1]["type"] == "done"
+        assert list(client.events(done_job))[-1].type == "done"
         failed_job = client.submit({"prompt": "a dog", **SMALL, "adapter": "ghost"}).job_id
-        assert list(client.events(failed_job))[-1]["type"] == "failed"
+        assert list(client.events(failed_job))[-1].type == "failed"
         client.store.redis.lpush(settings.queue_name, b"not a message")  # refused, and counted
         wait_for(client.store.dead_letters, 30, "the worker to refuse the message")
 
@@ -205,14 +206,14 @@ def test_metrics_count_the_queue_renders_failures_and_reloads(monitored):
     assert sample(metrics, "imagine_queue_depth") == 0 and sample(metrics, "imagine_jobs_running") == 0
     assert sample(metrics, "imagine_workers_online") == 1
 
-    render_s = monitored.done_meta["render_s"]
+    render_s = monitored.done_meta.render_s
     assert sample(metrics, "imagine_render_seconds_count") == 1
     assert sample(metrics, "imagine_render_seconds_sum") == pytest.approx(render_s, abs=0.01)
     assert sample(metrics, "imagine_render_seconds_bucket", le="+Inf") == 1
     assert sample(metrics, "imagine_render_seconds_bucket", le="1800.0") == 1
     # The first job waited for the worker to start; the failed one was claimed as well.
     assert sample(metrics, "imagine_queue_wait_seconds_count") == 2
-    assert sample(metrics, "imagine_queue_wait_seconds_sum") >= monitored.done_meta["queue_wait_s"] > 1
+    assert sample(metrics, "imagine_queue_wait_seconds_sum") >= monitored.done_meta.queue_wait_s > 1
 
     assert sample(metrics, "imagine_job_failures_total", reason="adapter") == 1
     for reason in ("rejected", "out_of_memory", "timeout", "worker_lost", "internal"):
@@ -225,7 +226,7 @@ def test_metrics_count_the_queue_renders_failures_and_reloads(monitored):
     assert sample(metrics, "imagine_adapter_loads_total", outcome="unchanged") == 0
     assert sample(metrics, "imagine_adapter_loads_total", outcome="failed") == 1
     worker = monitored.worker.name
-    version = monitored.worker_status["adapters"]["flickr30k"]["version"]
+    version = monitored.worker_status.adapters["flickr30k"].version
     assert sample(metrics, "imagine_adapter_serving", worker=worker, adapter="flickr30k", version=version) == 1
     assert sample(metrics, "imagine_adapter_refused", worker=worker, adapter="broken") == 1
     assert ("imagine_adapter_refused", frozenset({"worker": worker, "adapter": "flickr30k"}.items())) not in metrics

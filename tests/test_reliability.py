@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -32,7 +33,7 @@ def wait_until_rendering(client: ImagineClient, job_id: str, worker_name: str, a
         record = client.job(job_id)
         if record.state != "running" or record.worker != worker_name or record.attempt != attempt:
             return False
-        return any(event["type"] == "step" for _, event in client.store.read_events(job_id))
+        return any(event.type == "step" for _, event in client.store.read_events(job_id))
 
     wait_for(rendering, 60, f"attempt {attempt} of the job to render on {worker_name}")
 
@@ -46,17 +47,17 @@ def test_job_killed_with_its_worker_completes_on_the_restarted_worker_once(redis
 
     worker.start()  # the same worker comes back; it knows its old job died with it
     events = list(client.events(job.job_id))
-    assert [event["type"] for event in events].count("done") == 1
-    assert [event["worker"] for event in events if event["type"] == "started"] == [worker.name, worker.name]
-    assert any(event.get("message") == "Its worker stopped; the job was queued again." for event in events)
+    assert [event.type for event in events].count("done") == 1
+    assert [event.worker for event in events if event.type == "started"] == [worker.name, worker.name]
+    assert any(getattr(event, "message", None) == "Its worker stopped; the job was queued again." for event in events)
     result = client.result(job.job_id)
-    assert result.meta["attempt"] == 2 and len(result.images) == 1
+    assert result.meta.attempt == 2 and len(result.images) == 1
 
     # The broker's late copy of the first delivery is recognised as stale: nothing runs twice.
     send_job(client.app, job.job_id, client.job(job.job_id).options, attempt=1)
     probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
     list(client.events(probe.job_id))
-    assert [event["type"] for _, event in client.store.read_events(job.job_id)].count("done") == 1
+    assert [event.type for _, event in client.store.read_events(job.job_id)].count("done") == 1
     assert client.result(job.job_id).images == result.images
 
 
@@ -69,8 +70,8 @@ def test_another_worker_takes_over_when_one_dies(redis_server, start_worker):
     first.kill()
     second = start_worker(settings, name="second")  # sees the job's heartbeat go stale
     events = list(client.events(job.job_id))
-    assert events[-1]["type"] == "done" and events[-1]["worker"] == second.name
-    assert [event["type"] for event in events].count("done") == 1
+    assert events[-1].type == "done" and events[-1].worker == second.name
+    assert [event.type for event in events].count("done") == 1
 
 
 def test_job_that_keeps_killing_workers_ends_as_failed(redis_server, start_worker):
@@ -83,13 +84,13 @@ def test_job_that_keeps_killing_workers_ends_as_failed(redis_server, start_worke
         worker.kill()
         worker.start()
     events = list(client.events(job.job_id))
-    assert events[-1]["type"] == "failed" and events[-1]["reason"] == "worker_lost"
-    assert "stopped its worker 2 times" in events[-1]["message"]
+    assert events[-1].type == "failed" and events[-1].reason == "worker_lost"
+    assert "stopped its worker 2 times" in events[-1].message
     assert client.job(job.job_id).state == "failed"
     assert client.queue_stats().counters.failures["worker_lost"] == 1
     # The worker is healthy and serves the next job.
     after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
-    assert list(client.events(after.job_id))[-1]["type"] == "done"
+    assert list(client.events(after.job_id))[-1].type == "done"
 
 
 def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(redis_server, start_worker):
@@ -103,13 +104,13 @@ def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(redis_server, 
         {"prompt": "too big", "width": huge, "height": huge, "num_inference_steps": 1, "adapter": "none"}
     )
     failed = list(client.events(job.job_id))[-1]
-    assert failed["type"] == "failed" and failed["reason"] == "out_of_memory"
-    assert failed["message"] == (
+    assert failed.type == "failed" and failed.reason == "out_of_memory"
+    assert failed.message == (
         f"The worker ran out of memory rendering 1 image(s) of {huge}×{huge}; try fewer images or a smaller size."
     )
     assert client.queue_stats().counters.failures["out_of_memory"] == 1
     after = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
-    assert list(client.events(after.job_id))[-1]["type"] == "done"
+    assert list(client.events(after.job_id))[-1].type == "done"
     assert worker.process.poll() is None
 
 
@@ -122,16 +123,19 @@ def test_job_over_the_time_limit_is_stopped(redis_server, start_worker):
     client = ImagineClient(settings)
     job = client.submit({**LONG, "num_inference_steps": steps})
     failed = list(client.events(job.job_id))[-1]
-    assert failed["type"] == "failed" and failed["reason"] == "timeout"
-    assert "took longer than 1 s" in failed["message"]
+    assert failed.type == "failed" and failed.reason == "timeout"
+    assert "took longer than 1 s" in failed.message
     assert client.queue_stats().failures_last_hour == {"timeout": 1}
     # Euler takes exactly the steps asked (PNDM one more).
     quick = client.submit({**LONG, "num_inference_steps": 1, "scheduler": "euler", "width": 64, "height": 64})
-    assert list(client.events(quick.job_id))[-1]["type"] == "done"
+    assert list(client.events(quick.job_id))[-1].type == "done"
 
 
-def test_redis_crash_mid_job_loses_neither_the_render_nor_the_worker(tmp_path, start_worker):
-    server = RedisServer(tmp_path, persistent=True)
+@contextlib.contextmanager
+def a_redis_crash_under_a_cli_job(tmp_path, start_worker, persistent: bool, password: str | None = None):
+    """A long job from the `imagine` CLI; the redis-server is SIGKILLed while it renders, and started again
+    once the render ended. Yields the client, the worker, the CLI's process and the job's id."""
+    server = RedisServer(tmp_path, persistent=persistent, password=password)
     server.start()
     settings = service_settings(server.url, f"t{uuid.uuid4().hex[:8]}")
     worker = start_worker(settings, name="survivor")
@@ -151,20 +155,24 @@ def test_redis_crash_mid_job_loses_neither_the_render_nor_the_worker(tmp_path, s
         # The render goes on without Redis, then its images wait in the worker for Redis to come back.
         wait_for(lambda: "storing the images: Redis is not answering" in worker.log(), 120, "the render to end")
         server.start()
+        yield client, worker, user, job_id
+        probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
+        assert [event.type for event in client.events(probe.job_id)][-1] == "done"
+    finally:
+        user.kill()
+        worker.stop()
+        server.stop()
 
+
+def test_redis_crash_mid_job_loses_neither_the_render_nor_the_worker(tmp_path, start_worker):
+    with a_redis_crash_under_a_cli_job(tmp_path, start_worker, persistent=True) as (client, _, user, job_id):
         # The user's `imagine` rode the outage out and got the first render, not a second one.
         stdout, stderr = user.communicate(timeout=120)
         assert user.returncode == 0, stderr
         assert json.loads((tmp_path / "out" / f"{job_id}.json").read_text())["attempt"] == 1
         assert len(stdout.split()) == 1 and Path(stdout.strip()).stat().st_size > 0
         events = [event for _, event in client.store.read_events(job_id)]
-        assert [event["type"] for event in events].count("done") == 1
-        probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
-        assert [event["type"] for event in client.events(probe.job_id)][-1] == "done"
-    finally:
-        user.kill()
-        worker.stop()
-        server.stop()
+        assert [event.type for event in events].count("done") == 1
 
 
 def test_a_stream_of_jobs_through_workers_killed_again_and_again_delivers_each_once(redis_server, start_worker):
@@ -186,7 +194,7 @@ def test_a_stream_of_jobs_through_workers_killed_again_and_again_delivers_each_o
             (worker, job_id)
             for job_id in client.store.running_jobs()
             for worker in workers
-            if client.job(job_id).worker == worker.name and client.store.read_events(job_id)[-1][1]["type"] == "step"
+            if client.job(job_id).worker == worker.name and client.store.read_events(job_id)[-1][1].type == "step"
         ]
 
     killed = 0
@@ -200,40 +208,16 @@ def test_a_stream_of_jobs_through_workers_killed_again_and_again_delivers_each_o
         victim.start()  # the other renders on meanwhile
     for job in submitted:
         events = list(client.events(job.job_id))
-        assert [event["type"] for event in events].count("done") == 1 and events[-1]["type"] == "done"
-        assert client.result(job.job_id).meta["attempt"] == client.job(job.job_id).attempt
+        assert [event.type for event in events].count("done") == 1 and events[-1].type == "done"
+        assert client.result(job.job_id).meta.attempt == client.job(job.job_id).attempt
     assert killed >= 1 and client.store.queue_length() == 0 and client.store.running_jobs() == []
 
 
 def test_redis_crash_without_persistence_loses_the_job_plainly_and_no_password_reaches_a_log(tmp_path, start_worker):
     password = "a-password-for-redis-only"
-    server = RedisServer(tmp_path, persistent=False, password=password)
-    server.start()
-    settings = service_settings(server.url, f"t{uuid.uuid4().hex[:8]}")
-    worker = start_worker(settings, name="forgetful")
-    client = ImagineClient(settings)
-    options = ["--width", "384", "--height", "384", "--steps", "40", "--adapter", "none", "--seed", "4"]
-    user = subprocess.Popen(
-        [str(BIN / "imagine"), "a long render", *options, "--out", str(tmp_path / "out")],
-        env=service_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        job_id = wait_for(lambda: client.store.running_jobs(), 60, "the job to start")[0]
-        wait_until_rendering(client, job_id, worker.name, attempt=1)
-        server.crash()
-        wait_for(lambda: "storing the images: Redis is not answering" in worker.log(), 120, "the render to end")
-        server.start()  # empty: it kept nothing
-
+    with a_redis_crash_under_a_cli_job(tmp_path, start_worker, persistent=False, password=password) as running:
+        _, worker, user, job_id = running  # Redis came back empty: it kept nothing
         _, stderr = user.communicate(timeout=120)
         assert user.returncode == 1
         assert f"imagine: job {job_id} is unknown or has expired" in stderr and "submit it again" in stderr
-        probe = client.submit({**LONG, "num_inference_steps": 2, "width": 64, "height": 64})
-        assert [event["type"] for event in client.events(probe.job_id)][-1] == "done"
-        assert password not in worker.log_path.read_text() and password not in stderr
-    finally:
-        user.kill()
-        worker.stop()
-        server.stop()
+    assert password not in worker.log_path.read_text() and password not in stderr

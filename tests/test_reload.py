@@ -20,7 +20,7 @@ SMALL = {"prompt": "a dog", "width": 64, "height": 64, "num_inference_steps": 3,
 def image(client: ImagineClient, **options) -> bytes:
     job = client.submit({**SMALL, **options})
     events = list(client.events(job.job_id))
-    assert events[-1]["type"] == "done", events[-1]
+    assert events[-1].type == "done", events[-1]
     return pixels(client.result(job.job_id).images[0])
 
 
@@ -46,7 +46,7 @@ def test_reload_serves_new_weights_and_refuses_a_corrupted_file(start_worker, tm
     worker = start_worker(name="reloader", lora_dir=lora_dir, DEFAULT_ADAPTER="flickr30k")
     client = ImagineClient(worker.settings)
     first = image(client)
-    old_version = client.workers()[worker.name]["adapters"]["flickr30k"]["version"]
+    old_version = client.workers()[worker.name].adapters["flickr30k"].version
 
     publish(lora_dir, "flickr30k", adapter_weights["v2"])
     assert image(client) == first  # nothing changes before the reload
@@ -98,19 +98,19 @@ def test_jobs_during_a_reload_all_complete_and_a_busy_worker_answers_after_its_j
     assert outcome.waiting_for == [worker.name]  # busy: it will not swap weights under a running job
 
     finals = [list(client.events(job.job_id))[-1] for job in [long_job, *jobs]]
-    assert [event["type"] for event in finals] == ["done"] * 5
+    assert [event.type for event in finals] == ["done"] * 5
     answers = wait_for(lambda: client.store.reload_answers(outcome.request_id), 30, "the busy worker's answer")
     (answer,) = answers[worker.name]
-    assert answer["ok"] and answer["previous_version"] != answer["version"]
+    assert answer.ok and answer.previous_version != answer.version
     ((refused,),) = client.store.reload_answers(typo.request_id).values()
-    assert not refused["ok"] and "'flickr3k' not found" in refused["error"]
+    assert not refused.ok and "'flickr3k' not found" in refused.error
     ((all_answer,),) = client.store.reload_answers(everything.request_id).values()
-    assert all_answer["adapter"] == "flickr30k" and all_answer["ok"]
+    assert all_answer.adapter == "flickr30k" and all_answer.ok
     # The reload was applied before the next job, so every job after the long one used the new weights.
     assert {pixels(client.result(job.job_id).images[0]) for job in jobs} == {image(client)}
     assert image(client) != before
-    assert client.result(long_job.job_id).meta["adapter_version"] == answer["previous_version"]
-    assert client.result(jobs[0].job_id).meta["adapter_version"] == answer["version"]
+    assert client.result(long_job.job_id).meta.adapter_version == answer.previous_version
+    assert client.result(jobs[0].job_id).meta.adapter_version == answer.version
 
 
 def test_worker_offline_during_a_reload_serves_the_new_version_when_back(
@@ -126,12 +126,12 @@ def test_worker_offline_during_a_reload_serves_the_new_version_when_back(
 
     publish(lora_dir, "flickr30k", adapter_weights["v2"])
     outcome = client.reload_adapters("flickr30k", timeout_s=20)
-    assert set(outcome.answers) == {online.name} and outcome.answers[online.name][0]["ok"]
-    new_version = outcome.answers[online.name][0]["version"]
+    assert set(outcome.answers) == {online.name} and outcome.answers[online.name][0].ok
+    new_version = outcome.answers[online.name][0].version
 
     online.stop()
     offline.start()
-    assert client.workers()[offline.name]["adapters"]["flickr30k"]["version"] == new_version
+    assert client.workers()[offline.name].adapters["flickr30k"].version == new_version
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(image(client))) for _ in range(2)]

@@ -27,25 +27,25 @@ def test_events_arrive_in_order_and_the_result_matches(shared_service):
     settings, worker, _ = shared_service
     client = ImagineClient(settings)
     job_id, events = run_job(client, seed=11, num_images_per_prompt=2, adapter="none")
-    kinds = [event["type"] for event in events]
-    assert kinds[0] == "queued" and events[0]["position"] >= 1
-    assert kinds[1] == "started" and events[1]["worker"] == worker.name
+    kinds = [event.type for event in events]
+    assert kinds[0] == "queued" and events[0].position >= 1
+    assert kinds[1] == "started" and events[1].worker == worker.name
     assert kinds[-1] == "done"
-    steps = [event["step"] for event in events if event["type"] == "step"]
-    assert steps == sorted(steps) and steps[-1] == events[2]["total"]
+    steps = [event.step for event in events if event.type == "step"]
+    assert steps == sorted(steps) and steps[-1] == events[2].total
     assert set(kinds[2:-1]) == {"step"}
-    previews = [event["preview_png"] for event in events if "preview_png" in event]
+    previews = [event.preview_png for event in events if event.type == "step" and event.preview_png]
     assert previews and png_size(base64.b64decode(previews[0]))[0] > 0
 
     result = client.result(job_id)
     assert [png_size(png) for png in result.images] == [(64, 64), (64, 64)]
     meta = result.meta
-    assert meta["seeds"] == [11, 12] and [image["seed"] for image in meta["images"]] == [11, 12]
-    assert meta["prompt"] == "a dog running on a beach" and meta["num_inference_steps"] == 4
-    assert meta["adapter"] is None and meta["worker"] == worker.name and meta["render_s"] > 0
-    assert meta["queue_wait_s"] >= 0 and meta["scheduler"] == "PNDMScheduler"
-    # Delivered: confirmed once, then gone.
-    assert job_id in client.undelivered()
+    assert meta.seeds == [11, 12] and [image.seed for image in meta.images] == [11, 12]
+    assert meta.prompt == "a dog running on a beach" and meta.num_inference_steps == 4
+    assert meta.adapter is None and meta.worker == worker.name and meta.render_s > 0
+    assert meta.queue_wait_s >= 0 and meta.scheduler == "PNDMScheduler"
+    # Kept until its delivery is confirmed, once, then gone.
+    assert client.job(job_id).state == "done" and client.result(job_id) is not None
     assert client.confirm_delivery(job_id) is True
     assert client.confirm_delivery(job_id) is False
     assert client.result(job_id) is None
@@ -58,7 +58,7 @@ def test_same_seed_gives_the_same_image_and_the_default_adapter_applies(shared_s
         client.result(run_job(client, seed=5, adapter=adapter)[0]) for adapter in (None, None, "none")
     )
     assert first.images == second.images
-    assert first.meta["adapter"] == "flickr30k" and len(first.meta["adapter_version"]) == 12
+    assert first.meta.adapter == "flickr30k" and len(first.meta.adapter_version) == 12
     assert pixels(first.images[0]) != pixels(base.images[0])
 
 
@@ -78,11 +78,11 @@ def test_schedulers_and_long_prompt_warning(shared_service):
     settings, _, _ = shared_service
     client = ImagineClient(settings)
     job_id, events = run_job(client, seed=1, scheduler="euler_ancestral", adapter="none", prompt="dog " * 40)
-    assert events[-1]["type"] == "done"
-    started = next(event for event in events if event["type"] == "started")
-    assert any("longer than the text encoder's 77 tokens" in warning for warning in started["warnings"])
+    assert events[-1].type == "done"
+    started = next(event for event in events if event.type == "started")
+    assert any("longer than the text encoder's 77 tokens" in warning for warning in started.warnings)
     meta = client.result(job_id).meta
-    assert meta["scheduler"] == "EulerAncestralDiscreteScheduler" and meta["warnings"]
+    assert meta.scheduler == "EulerAncestralDiscreteScheduler" and meta.warnings
 
 
 def test_bad_options_are_refused_before_the_queue(shared_service):
@@ -104,18 +104,18 @@ def test_worker_refuses_a_hostile_message_and_keeps_serving(shared_service):
     client.store.create("hostile", hostile, "cli", "", max_queued=100)
     send_job(client.app, "hostile", hostile, attempt=1)
     events = list(client.events("hostile"))
-    assert events[-1]["type"] == "failed"
-    assert events[-1]["reason"] == "rejected" and "unknown option '__class__'" in events[-1]["message"]
+    assert events[-1].type == "failed"
+    assert events[-1].reason == "rejected" and "unknown option '__class__'" in events[-1].message
     _, after = run_job(client, adapter="none")
-    assert after[-1]["type"] == "done"
+    assert after[-1].type == "done"
 
 
 def test_missing_adapter_fails_the_job_with_its_name(shared_service):
     settings, _, _ = shared_service
     client = ImagineClient(settings)
     _, events = run_job(client, adapter="ghost")
-    assert events[-1]["type"] == "failed" and events[-1]["reason"] == "adapter"
-    assert "'ghost' is not loaded" in events[-1]["message"] and "flickr30k" in events[-1]["message"]
+    assert events[-1].type == "failed" and events[-1].reason == "adapter"
+    assert "'ghost' is not loaded" in events[-1].message and "flickr30k" in events[-1].message
 
 
 def test_cancel_a_queued_job_and_a_running_one(shared_service):
@@ -129,12 +129,12 @@ def test_cancel_a_queued_job_and_a_running_one(shared_service):
     assert client.job(queued.job_id).state == "queued"
     assert client.cancel(queued.job_id) == "cancelled"
     assert client.cancel(long_job.job_id) == "cancelling"
-    assert list(client.events(queued.job_id))[-1]["type"] == "cancelled"
+    assert list(client.events(queued.job_id))[-1].type == "cancelled"
     last = list(client.events(long_job.job_id))[-1]
-    assert last["type"] == "cancelled" and last["message"] == "Cancelled while rendering."
+    assert last.type == "cancelled" and last.message == "Cancelled while rendering."
     assert client.cancel(queued.job_id) == "cancelled"  # a second click says what it is, changes nothing
     _, after = run_job(client, adapter="none")
-    assert after[-1]["type"] == "done"
+    assert after[-1].type == "done"
 
 
 def test_queue_cap_refuses_politely(shared_service):
@@ -150,7 +150,7 @@ def test_queue_cap_refuses_politely(shared_service):
         client.submit({"prompt": "one too many", **SMALL})
     assert waiting.position == 1
     client.cancel(blocker.job_id)
-    assert list(client.events(waiting.job_id))[-1]["type"] == "done"
+    assert list(client.events(waiting.job_id))[-1].type == "done"
 
 
 def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):

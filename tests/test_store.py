@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 import pytest
 
 from imagine.store import JobStore
+from imagine.wire import Cancelled, Done, Failed, FailureReason
+
+DONE = Done(worker="w1", images=1, withheld=0, render_s=0.5, queue_wait_s=0.1)
 
 pytestmark = pytest.mark.integration
 
@@ -23,12 +27,13 @@ def test_claim_runs_one_attempt_once(store):
     assert store.claim("j", 1, "w1") == "ok"
     assert store.claim("j", 1, "w2") == "running"  # a duplicate delivery of the same attempt
     assert store.claim("j", 1, "w1") == "ok"  # w1's claim sent again: Redis restarted before answering
-    assert store.finish("j", 1, "done", {"images": 1}, client="cli")
-    assert not store.finish("j", 1, "failed", client="cli")
-    assert store.finish("j", 1, "done", {"images": 1}, client="cli")  # sent again, for the same reason
+    assert store.finish("j", 1, DONE)
+    assert not store.finish("j", 1, Failed(reason=FailureReason.INTERNAL, message="late"))
+    assert store.finish("j", 1, DONE)  # sent again, for the same reason
     events = [event for _, event in store.read_events("j")]
-    assert [(event["type"], event.get("images")) for event in events] == [("queued", None), ("done", 1)]
-    assert store.get("j").state == "done" and store.undelivered("cli") == ["j"]
+    assert [(event.type, getattr(event, "images", None)) for event in events] == [("queued", None), ("done", 1)]
+    assert store.get("j").state == "done"
+    assert store.confirm_delivery("j") and not store.confirm_delivery("j")  # awaited its delivery, once
 
 
 def test_requeue_goes_to_the_back_like_the_broker_and_gives_up_after_the_attempts(store):
@@ -52,7 +57,7 @@ def test_queue_cap_and_owner_listing(store):
     assert store.claim("a", 1, "w1") == "ok"  # running jobs count too
     assert store.create("c", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=2) == ("ok", 2)
     assert store.create("d", {"prompt": "x"}, "cli", "alice", max_queued=3, max_for_owner=2) == ("owner_limit", 2)
-    assert sorted(store.pending_for_owner("alice")) == ["a", "c"]
+    assert store.create("e", {"prompt": "x"}, "cli", "bob", max_queued=4, max_for_owner=2) == ("ok", 3)  # bob's own
 
 
 def test_expired_jobs_do_not_hold_queue_places_for_ever(store):
@@ -85,11 +90,12 @@ def test_each_job_end_is_counted_once_with_its_reason(store):
         store.create(job_id, {"prompt": "x"}, "cli", "", max_queued=10)
     for job_id in ("done", "refused", "lost", "cancelling"):
         assert store.claim(job_id, 1, "w1") == "ok"
-    assert store.finish("done", 1, "done", client="cli")
-    assert store.finish("refused", 1, "failed", error="no such adapter", reason="adapter", client="cli")
+    refused = Failed(reason=FailureReason.ADAPTER, message="no such adapter")
+    assert store.finish("done", 1, DONE)
+    assert store.finish("refused", 1, refused)
     # Sent again after Redis restarted before answering: the same attempt's own outcome, counted once.
-    assert store.finish("refused", 1, "failed", error="no such adapter", reason="adapter", client="cli")
-    assert not store.finish("refused", 1, "done", client="cli")  # another outcome for an ended job
+    assert store.finish("refused", 1, refused)
+    assert not store.finish("refused", 1, DONE)  # another outcome for an ended job
     assert store.cancel("queued") == "cancelled" and store.cancel("queued") == "cancelled"
     assert store.requeue_if_dead("lost", time.time() + 1, max_attempts=1) == 0
     assert store.cancel("cancelling") == "cancelling"
@@ -124,26 +130,31 @@ def test_an_attempt_that_lost_its_job_is_not_told_it_finished_it(store):
     store.create("j", {"prompt": "x"}, "cli", "", max_queued=10)
     assert store.claim("j", 1, "w1") == "ok"
     assert store.requeue_if_dead("j", time.time() + 1, max_attempts=1) == 0  # w1 fell silent: failed for good
-    late = {"reason": "timeout", "message": "too slow"}
-    assert not store.finish("j", 1, "failed", late, error="too slow", reason="timeout", client="cli")
+    assert not store.finish("j", 1, Failed(reason=FailureReason.TIMEOUT, message="too slow"))
     assert store.get("j").reason == "worker_lost"
     events = [event for _, event in store.read_events("j")]
-    assert [(event["type"], event.get("reason")) for event in events] == [("queued", None), ("failed", "worker_lost")]
-    assert "stopped its worker 1 times" in events[1]["message"]
+    assert [(event.type, getattr(event, "reason", None)) for event in events] == [
+        ("queued", None),
+        ("failed", "worker_lost"),
+    ]
+    assert "stopped its worker 1 times" in events[1].message
 
 
 def test_a_job_ends_with_exactly_one_terminal_event(store):
     store.create("queued", {"prompt": "x"}, "cli", "", max_queued=10)
     assert store.cancel("queued") == "cancelled" and store.cancel("queued") == "cancelled"
     queued = [event for _, event in store.read_events("queued")]
-    assert [(event["type"], event.get("position")) for event in queued] == [("queued", 1), ("cancelled", None)]
+    assert [(event.type, getattr(event, "position", None)) for event in queued] == [("queued", 1), ("cancelled", None)]
     store.create("running", {"prompt": "x"}, "cli", "", max_queued=10)
     assert store.claim("running", 1, "w1") == "ok" and store.cancel("running") == "cancelling"
     store.redis.expire(store.key("job", "running"), 5)  # a job that waited and rendered for nearly RESULT_TTL_S
     assert store.requeue_if_dead("running", time.time() + 1, max_attempts=3) == -2  # its worker died meanwhile
-    assert not store.finish("running", 1, "cancelled", client="cli")  # the worker, back, comes too late
+    assert not store.finish(
+        "running", 1, Cancelled(message="Cancelled while rendering.")
+    )  # the worker, back, too late
     events = [event for _, event in store.read_events("running")]
-    assert [event["type"] for event in events] == ["queued", "cancelled"] and events[1]["job_id"] == "running"
+    assert [event.type for event in events] == ["queued", "cancelled"] and events[1].job_id == "running"
     # Written by Lua: "ts" stays Redis's clock to the microsecond, a float like every event's.
-    assert all(isinstance(event["ts"], float) for event in queued + events)
+    raw = [entry[b"event"] for _, entry in store.redis.xrange(store.key("job", "running", "events"))]
+    assert all(isinstance(json.loads(event)["ts"], float) for event in raw)
     assert store.redis.ttl(store.key("job", "running")) > 50  # the end of a job renews its time in Redis

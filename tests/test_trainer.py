@@ -427,7 +427,7 @@ def test_eval_refuses_what_it_cannot_use_with_a_clear_message(trained, tiny_clip
 
 
 def test_publishing_replaces_the_old_adapter_in_one_step(tmp_path):
-    from trainer.train import replace_folder
+    from trainer.publish import replace_folder
 
     published, staging = tmp_path / "loradir" / "flickr30k", tmp_path / "loradir" / ".flickr30k.staging"
     published.mkdir(parents=True)

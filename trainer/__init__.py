@@ -1,6 +1,7 @@
-"""The LoRA trainer (`python -m trainer train`): fine-tunes SD v1-4's UNet attention projections on
+"""The LoRA trainer (`python -m trainer train|eval`): fine-tunes SD v1-4's UNet attention projections on
 Flickr30k captions and publishes the adapter into LORA_DIR for the workers to hot-reload.
 
-`data.py` reads the data, `cache.py` keeps what the frozen encoders compute, `train.py` is the
-training script. Still to come (see its issue): validation grids, TensorBoard, `python -m trainer eval`.
+`data.py` reads the data, `cache.py` keeps what the frozen encoders compute, `train.py` is the training
+script, `validation.py` draws the base-versus-adapter grids, `publish.py` writes the adapter into LORA_DIR
+and tells the workers, and `evaluate.py` scores an adapter with CLIP on held-out captions.
 """

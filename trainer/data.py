@@ -1,6 +1,7 @@
 """Flickr30k as people have it (Kaggle's `results.csv` + `flickr30k_images/`), or a folder of images with
 a `metadata.jsonl` (the diffusers convention), turned into (image, captions) records, a held-out split
-by image, and a torch dataset that never stops an epoch on a bad image."""
+by image, and the reading of one image into a training array (a bad image is skipped and counted, never
+stopping an epoch)."""
 
 from __future__ import annotations
 

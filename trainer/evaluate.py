@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.train import EVALUATION_HEADING, HELD_OUT
+from trainer.publish import EVALUATION_HEADING, HELD_OUT
 
 REPORT = "report.json"
 GRID = "grid.png"

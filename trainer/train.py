@@ -11,14 +11,11 @@ exactly the draws the uninterrupted run would have made, and ends on the same we
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import functools
 import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -39,6 +36,7 @@ from trainer.data import (
     split_by_image,
     to_training_array,
 )
+from trainer.publish import HELD_OUT, notify_workers, publish
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +44,8 @@ TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 CHECKPOINTS = "checkpoints"
 LORA_FILE = "lora.safetensors"
 """A checkpoint's LoRA weights, in PEFT's module naming."""
-HELD_OUT = "held_out.json"
-"""The held-out images' names and captions, published with the adapter for `python -m trainer eval`."""
 TENSORBOARD_RUN = "tensorboard"
-VALIDATION_GRID = "validation.png"
 VALIDATION_TAG = "validation/base (top) vs adapter (bottom)"
-EVALUATION_HEADING = "## Evaluation"
-"""The model card's last section, rewritten by `python -m trainer eval`."""
 DEFAULT_VALIDATION_PROMPTS = 4
 
 
@@ -534,9 +527,7 @@ def train(config: TrainConfig) -> Path:
                 prediction = unet(
                     noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype), timesteps, states
                 ).sample
-            target = noise
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            target = prediction_target(noise_scheduler, latents, noise, timesteps)
             total += F.mse_loss(prediction.float(), target.float()).item()
         return total / 4
 
@@ -596,10 +587,7 @@ def train(config: TrainConfig) -> Path:
             timesteps = timesteps_per_example(generators, noise_scheduler.config.num_train_timesteps)
             timesteps = timesteps.to(latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
+            target = prediction_target(noise_scheduler, latents, noise, timesteps)
             with accelerator.accumulate(unet), accelerator.autocast():
                 prediction = unet(noisy.to(weight_dtype), timesteps, states).sample
                 if config.snr_gamma is None:
@@ -687,8 +675,15 @@ def train(config: TrainConfig) -> Path:
     )
     final = publish(config, lora_state, lora_config, loss_value, max_steps, trainable_count, work, report, final_grid)
     if config.notify:
-        _notify_workers(final.name)
+        notify_workers(final.name)
     return final
+
+
+def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the UNet learns to predict: the noise, or the velocity for a v-prediction model (SD 2.x)."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 def _default_validation_prompts(held_out, training) -> list[str]:
@@ -744,111 +739,6 @@ def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, run_s
     staging.rename(checkpoints / f"checkpoint-{step}")
     for old in _checkpoints_oldest_first(checkpoints)[:-keep]:
         shutil.rmtree(old)
-
-
-def publish(
-    config: TrainConfig,
-    lora_state,
-    lora_config,
-    final_loss: float,
-    steps: int,
-    trainable: int,
-    work: Path,
-    report: SkipReport,
-    validation_grid: Path | None,
-) -> Path:
-    """Write the adapter beside LORA_DIR's entries under a hidden name, then swap it into place
-    (`replace_folder`): a worker reloading meanwhile sees the old adapter or the new one, never half of one."""
-    from worker.adapters import save_adapter
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{config.output.name}.", dir=config.output.parent))
-    save_adapter(staging, lora_state, lora_config)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
-    (staging / "training_config.json").write_text(json.dumps(settings, indent=2))
-    shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
-    shutil.copy(work / "summary.json", staging / "summary.json")
-    shutil.copy(work / HELD_OUT, staging / HELD_OUT)
-    if validation_grid is not None:
-        shutil.copy(validation_grid, staging / VALIDATION_GRID)
-    crop = "centre" if config.center_crop else "random"
-    card = [
-        f"# LoRA adapter `{config.output.name}`",
-        "",
-        f"- base model: `{config.base_model}`",
-        f"- data: `{config.data}` ({report.summary()})",
-        f"- steps: {steps}, batch size {config.batch_size} × {config.gradient_accumulation_steps} accumulation",
-        f"- LoRA: rank {lora_config.r}, alpha {lora_config.lora_alpha}, on {', '.join(TARGET_MODULES)} of the UNet "
-        f"({trainable:,} parameters)",
-        f"- optimizer: AdamW, learning rate {config.learning_rate} ({config.lr_scheduler}, "
-        f"{config.lr_warmup_steps} warm-up steps), weight decay {config.weight_decay}",
-        f"- resolution {config.resolution}, {crop} crop, flip {config.flip}, mixed precision "
-        f"{config.mixed_precision}, seed {config.seed}",
-        f"- final loss: {final_loss:.5f} (last step); on a fixed batch: see `summary.json`",
-        "",
-        "Files: `adapter_model.safetensors` + `adapter_config.json` (PEFT: `PeftModel.from_pretrained`),",
-        "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`), `training_config.json`,",
-        "`metrics.jsonl` (loss and learning rate per step), `held_out.json` (captions never trained on).",
-        "",
-        "## Validation",
-        "",
-        "The validation prompts with fixed seeds, base model on top, this adapter below:",
-        "",
-        f"![validation grid]({VALIDATION_GRID})",
-        "",
-        EVALUATION_HEADING,
-        "",
-        f"Not evaluated yet: `python -m trainer eval --adapter {config.output}`.",
-    ]
-    (staging / "README.md").write_text("\n".join(card) + "\n")
-    # mkdtemp and safetensors create owner-only files; workers often run as another user (in containers).
-    staging.chmod(0o755)
-    for path in staging.iterdir():
-        path.chmod(0o644)
-    replace_folder(staging, config.output)
-    print(f"published {config.output}")
-    return config.output
-
-
-def replace_folder(new: Path, target: Path) -> None:
-    """Put folder `new` at `target`, whose old version (if any) is deleted.
-
-    On Linux the two are exchanged in one step (renameat2 with RENAME_EXCHANGE), so a worker reloading
-    at that instant finds the old version or the new one. Where the kernel or the filesystem cannot,
-    two renames leave `target` missing for microseconds; a reload in them is refused as "not found" and
-    the previous version keeps serving.
-    """
-    if target.exists() and _exchange(new, target):
-        shutil.rmtree(new)  # now the old version
-        return
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{int(time.time())}"
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths atomically; False where this system has no way to."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_current_directory, rename_exchange = -100, 2  # AT_FDCWD and RENAME_EXCHANGE from <fcntl.h>, <stdio.h>
-    if renameat2(at_current_directory, os.fsencode(first), at_current_directory, os.fsencode(second), rename_exchange):
-        error = ctypes.get_errno()
-        if error in (errno.ENOSYS, errno.EINVAL):  # an old kernel, or a filesystem without exchange
-            return False
-        raise OSError(error, os.strerror(error), str(first), None, str(second))
-    return True
-
-
-def _notify_workers(name: str) -> None:
-    from imagine.admin import format_reload
-    from imagine.client import ImagineClient
-    from imagine.settings import ServiceSettings
-
-    print(format_reload(ImagineClient(ServiceSettings()).reload_adapters(name)))
 
 
 def main(argv: list[str] | None = None) -> int:

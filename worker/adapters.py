@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from imagine.contract import ADAPTER_NAME_PATTERN, NO_ADAPTER
+from imagine.wire import AdapterInfo
 from worker.settings import DEFAULT_MAX_ADAPTER_BYTES
 
 logger = logging.getLogger(__name__)
@@ -70,17 +71,6 @@ class AdapterWeights:
     """How many modules the adapter's tensors adapt."""
     file: str
     """The name of the file that serves (and of its twin, which agrees with it)."""
-
-
-@dataclass(frozen=True)
-class LoadedAdapter:
-    name: str
-    internal_name: str
-    layout: str
-    version: str
-    modules: int
-    loaded_at: float
-    file: str
 
 
 def _inside(root: Path, path: Path, name: str) -> Path:
@@ -153,6 +143,12 @@ def list_adapters(lora_dir: Path) -> list[str]:
     return sorted(names)
 
 
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """How much PEFT scales a LoRA's update (B @ A): alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA.
+    The diffusers layout has it folded into the up (B) matrices."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
 def _peft_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """Rewrite PEFT keys for diffusers and fold PEFT's alpha / r scaling into the up (B) matrices."""
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -166,8 +162,7 @@ def _peft_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict) -> dic
                 (value for pattern, value in alpha_pattern.items() if re.match(rf"(.*\.)?({pattern})$", module)),
                 config.get("lora_alpha", rank),
             )
-            scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            tensor = tensor * scaling
+            tensor = tensor * lora_scaling(alpha, rank, bool(config.get("use_rslora")))
         converted[f"unet.{module_key}"] = tensor
     return converted
 
@@ -321,14 +316,14 @@ class AdapterRegistry:
         self.pipe = pipe
         self.lora_dir = lora_dir
         self.max_bytes = max_bytes
-        self._loaded: dict[str, LoadedAdapter] = {}
+        self._loaded: dict[str, AdapterInfo] = {}
         self._serial = 0
 
     @property
-    def loaded(self) -> dict[str, LoadedAdapter]:
+    def loaded(self) -> dict[str, AdapterInfo]:
         return dict(self._loaded)
 
-    def load(self, name: str) -> LoadedAdapter:
+    def load(self, name: str) -> AdapterInfo:
         """Load (or reload) adapter `name` from LORA_DIR. Raises AdapterError; the old version then stays."""
         try:
             weights = read_adapter(locate_adapter(self.lora_dir, name), self.max_bytes)
@@ -358,8 +353,14 @@ class AdapterRegistry:
             )
         if current is not None:
             self._discard(current.internal_name)
-        loaded = LoadedAdapter(
-            name, internal_name, weights.layout, weights.version, adapted, time.time(), weights.file
+        loaded = AdapterInfo(
+            name=name,
+            internal_name=internal_name,
+            layout=weights.layout,
+            version=weights.version,
+            modules=adapted,
+            loaded_at=time.time(),
+            file=weights.file,
         )
         self._loaded[name] = loaded
         logger.info(
@@ -403,7 +404,7 @@ def save_adapter(folder: Path, lora_state: dict[str, torch.Tensor], config) -> N
     tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in lora_state.items()}
     save_file({PEFT_PREFIX + key: tensor for key, tensor in tensors.items()}, folder / PEFT_WEIGHTS, {"format": "pt"})
     config.save_pretrained(folder)
-    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
     diffusers_state = {
         f"unet.{key}": tensor * scaling if ".lora_B." in key else tensor for key, tensor in tensors.items()
     }

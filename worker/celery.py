@@ -51,11 +51,12 @@ def _load_service(sender, **_) -> None:
     # Celery sets its logging up only after worker_init: without this, the start-up lines (the model, its
     # device, the adapters loaded) would be lost. Setting it up again later is a no-op.
     sender.setup_logging()
+    from worker.liveness import WorkerNameTaken
     from worker.pipeline import ModelLoadError
-    from worker.service import GenerationService, WorkerNameTaken
+    from worker.service import WorkerService
 
     try:
-        _service = GenerationService.start(settings, sender.hostname, app)
+        _service = WorkerService.start(settings, sender.hostname, app)
     except Exception as error:
         # Celery logs and swallows exceptions from signal handlers, and a worker without its model would
         # take jobs only to drop them: it must stop.

@@ -23,14 +23,6 @@ _LATENT_RGB_FACTORS = torch.tensor(
 PREVIEW_SIDE = 128
 
 
-class JobInterrupted(Exception):
-    """Raised from the step callback to stop a render: cancelled by its user or over its time limit."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class RenderPlan:
     """What a job will render with, settled before it starts: known problems refuse it here."""
@@ -52,7 +44,7 @@ class RenderOutput:
 
 
 StepCallback = Callable[[int, int, "torch.Tensor"], None]
-"""Called after each denoising step with (step, total, latents); it may raise JobInterrupted."""
+"""Called after each denoising step with (step, total, latents); an exception it raises stops the render."""
 
 
 def _scheduler_classes() -> dict[str, type]:

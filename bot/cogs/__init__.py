@@ -1,1 +1,2 @@
-"""One cog per concern: `/imagine` and the job buttons, and the admin commands."""
+"""One cog per concern: `/imagine` (imagine.py), a job's life in Discord and its buttons (jobs.py), and
+the admin commands (admin.py)."""

@@ -9,18 +9,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import ImagineBot
+from bot.checks import admins_only
 from imagine.admin import format_adapters, format_queue, format_reload
 
 DISCORD_MESSAGE_CHARS = 2000
-
-
-def admins_only():
-    async def predicate(interaction: discord.Interaction) -> bool:
-        if not interaction.client.is_admin(interaction):
-            raise app_commands.CheckFailure("This command is for the bot's admins.")
-        return True
-
-    return app_commands.check(predicate)
 
 
 def as_code_block(text: str) -> str:
@@ -42,7 +34,7 @@ class AdminCog(commands.Cog):
     async def reload_adapter(self, interaction: discord.Interaction, name: str | None = None) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         outcome = await asyncio.to_thread(
-            self.bot.client.reload_adapters, name, timeout_s=self.bot.settings.reload_timeout_s
+            self.bot.service.reload_adapters, name, timeout_s=self.bot.settings.reload_timeout_s
         )
         await interaction.followup.send(as_code_block(format_reload(outcome)), ephemeral=True)
 
@@ -51,7 +43,7 @@ class AdminCog(commands.Cog):
     @app_commands.guild_only()
     @admins_only()
     async def adapters(self, interaction: discord.Interaction) -> None:
-        text = await asyncio.to_thread(format_adapters, self.bot.client)
+        text = await asyncio.to_thread(format_adapters, self.bot.service)
         await interaction.response.send_message(as_code_block(text), ephemeral=True)
 
     @app_commands.command(
@@ -61,7 +53,7 @@ class AdminCog(commands.Cog):
     @app_commands.guild_only()
     @admins_only()
     async def queue(self, interaction: discord.Interaction) -> None:
-        text = await asyncio.to_thread(format_queue, self.bot.client)
+        text = await asyncio.to_thread(format_queue, self.bot.service)
         await interaction.response.send_message(as_code_block(text), ephemeral=True)
 
 

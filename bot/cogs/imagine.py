@@ -9,29 +9,32 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import ImagineBot
-from imagine.contract import MAX_SEED, NO_ADAPTER, SCHEDULERS
+from imagine.contract import MAX_PROMPT_CHARS, MAX_SEED, NO_ADAPTER, SCHEDULERS, default
 
 SIZES = {"square": (512, 512), "portrait": (512, 768), "landscape": (768, 512)}
 ADAPTER_NAMES_TTL_S = 10.0
 
 
 def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
-    ranges = cog.bot.client.settings.limits.ranges()
+    ranges = cog.bot.service.settings.limits.ranges()
     max_steps = ranges["num_inference_steps"][1]
     max_images = ranges["num_images_per_prompt"][1]
+    min_guidance, max_guidance = ranges["guidance_scale"]
+    min_scale, max_scale = ranges["adapter_scale"]
 
     @app_commands.command(name="imagine", description="Draw an image from a text prompt.")
     @app_commands.guild_only()
     @app_commands.describe(
         prompt="What to draw.",
         negative_prompt="What to keep out of the image.",
-        steps=f"Denoising steps, 1 to {max_steps} (default 30): more is slower and finer.",
-        guidance="How closely to follow the prompt, 0 to 30 (default 7.5).",
+        steps=f"Denoising steps, 1 to {max_steps} (default {default('num_inference_steps')}): more is slower, finer.",
+        guidance=f"How closely to follow the prompt, {min_guidance:g} to {max_guidance:g} "
+        f"(default {default('guidance_scale')}).",
         size="Image shape (default square, 512×512).",
         seed=f"Seed of the first image, 0 to {MAX_SEED} (default random): the same seed redraws the same image.",
-        count=f"Number of images, 1 to {max_images} (default 1).",
+        count=f"Number of images, 1 to {max_images} (default {default('num_images_per_prompt')}).",
         adapter=f"LoRA adapter (default: the Flickr30k one; '{NO_ADAPTER}' for the base model).",
-        adapter_scale="Adapter strength, 0 to 2 (default 1).",
+        adapter_scale=f"Adapter strength, {min_scale:g} to {max_scale:g} (default {default('adapter_scale'):g}).",
         scheduler="Sampler (default: the model's own).",
     )
     @app_commands.choices(
@@ -41,15 +44,15 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
     @app_commands.autocomplete(adapter=cog.adapter_names)
     async def imagine(
         interaction: discord.Interaction,
-        prompt: app_commands.Range[str, 1, 2000],
-        negative_prompt: app_commands.Range[str, 0, 2000] | None = None,
+        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
+        negative_prompt: app_commands.Range[str, 0, MAX_PROMPT_CHARS] | None = None,
         steps: app_commands.Range[int, 1, max_steps] | None = None,
-        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+        guidance: app_commands.Range[float, min_guidance, max_guidance] | None = None,
         size: str | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         count: app_commands.Range[int, 1, max_images] | None = None,
         adapter: str | None = None,
-        adapter_scale: app_commands.Range[float, 0.0, 2.0] | None = None,
+        adapter_scale: app_commands.Range[float, min_scale, max_scale] | None = None,
         scheduler: str | None = None,
     ) -> None:
         # Discord does not enforce declared ranges or choices: the shared contract checks everything again.
@@ -74,7 +77,7 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         nsfw = isinstance(interaction.channel, discord.abc.GuildChannel) and interaction.channel.is_nsfw()
         if nsfw and cog.bot.settings.allow_unfiltered_nsfw:
             options["safety_checker"] = False
-        await cog.bot.jobs.submit(interaction, options)
+        await cog.bot.get_cog("Jobs").submit(interaction, options)
 
     return imagine
 
@@ -92,8 +95,8 @@ class ImagineCog(commands.Cog):
     async def adapter_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         """The adapters the online workers have loaded, and 'none'."""
         if time.monotonic() - self._adapter_names_at > ADAPTER_NAMES_TTL_S:
-            workers = await asyncio.to_thread(self.bot.client.workers)
-            names = {name for status in workers.values() for name in status["adapters"]}
+            workers = await asyncio.to_thread(self.bot.service.workers)
+            names = {name for status in workers.values() for name in status.adapters}
             self._adapter_names = [*sorted(names), NO_ADAPTER]
             self._adapter_names_at = time.monotonic()
         matching = [name for name in self._adapter_names if current.lower() in name.lower()]

@@ -1,8 +1,10 @@
 """Jobs from Discord: submit, follow with live edits, deliver once, and the buttons under the messages.
 
-The result never depends on the interaction token (it lives 15 minutes): the bot keeps where each
-job goes in Redis, edits its message while the token is good, and otherwise posts into the channel,
-mentioning only the requester. A restarted bot resumes every job it had not delivered.
+The cog owns its followers (one asyncio task per job) the way RoboDanny's reminder cog owns its timer:
+they start in `cog_load` (every job not yet delivered, after a restart) and stop in `cog_unload`, where
+a delivery under way is finished first. The result never depends on the interaction token (it lives 15
+minutes): where each job goes is kept in Redis, its message is edited while the token is good, and
+otherwise the result is posted into the channel, mentioning only the requester.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import discord
+from discord.ext import commands
 
 from bot import messages
+from bot.buttons import Action, JobButton, progress_view, result_view
+from bot.checks import is_admin
 from bot.deliveries import DELIVERY_CLAIM_S, INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
 from bot.limits import UserLimits
-from imagine.client import ImagineClient
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.logs import job_context
-from imagine.store import REDIS_UNREACHABLE, TERMINAL_EVENTS, EventCursor
+from imagine.store import REDIS_UNREACHABLE
+from imagine.wire import TERMINAL_EVENTS, Cancelled, Done, Failed, JobEvent, Queued, Step
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -35,17 +40,41 @@ STOP_GRACE_S = 30.0
 """How long a stopping bot waits for the deliveries under way to finish."""
 
 
-class JobRunner:
-    def __init__(self, bot: ImagineBot, client: ImagineClient, deliveries: DeliveryStore, limits: UserLimits) -> None:
+class JobsCog(commands.Cog, name="Jobs"):
+    def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
-        self.client = client
-        self.deliveries = deliveries
-        self.limits = limits
+        self.service = bot.service
         self.settings = bot.settings
+        self.deliveries = DeliveryStore(self.service.records(), self.service.settings.result_ttl_s)
+        self.limits = UserLimits(
+            self.service.records(), self.settings.max_pending_per_user, self.settings.user_cooldown_s
+        )
         self._followers: dict[str, asyncio.Task] = {}
         self._delivering: set[str] = set()
         """Jobs whose outcome is being delivered right now: a stop lets them finish."""
         self._stopping = False
+
+    async def cog_load(self) -> None:
+        """Follow again every job not yet delivered (after a restart): finished ones are delivered now."""
+        pending = await asyncio.to_thread(self.deliveries.pending)
+        for delivery in pending:
+            self.follow(delivery)
+        if pending:
+            logger.info("following %d jobs not yet delivered", len(pending))
+
+    async def cog_unload(self) -> None:
+        """Stop following jobs; a delivery under way is finished first (for up to STOP_GRACE_S)."""
+        self._stopping = True
+        followers = list(self._followers.items())
+        if not followers:
+            return
+        for job_id, task in followers:
+            if job_id not in self._delivering:
+                task.cancel()
+        _, unfinished = await asyncio.wait([task for _, task in followers], timeout=STOP_GRACE_S)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in followers), return_exceptions=True)
 
     # Submitting ------------------------------------------------------------------------------
 
@@ -56,16 +85,16 @@ class JobRunner:
         step) before the interaction is answered, so that a refusal is always the first answer, and
         ephemeral: only the requester sees it, however many submissions of theirs race."""
         user_id = interaction.user.id
-        limited = not (self.settings.admins_exempt_from_limits and self.bot.is_admin(interaction))
+        limited = not (self.settings.admins_exempt_from_limits and is_admin(interaction, self.settings))
         try:
-            checked = parse_job_options(options, self.client.settings.limits)
+            checked = parse_job_options(options, self.service.settings.limits)
             if limited:
                 await asyncio.to_thread(self.limits.admit, user_id)
         except JobRejected as refusal:
             await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
             return
         delivery = Delivery(
-            job_id=self.client.new_job_id(),
+            job_id=self.service.new_job_id(),
             user_id=user_id,
             channel_id=interaction.channel_id,
             application_id=interaction.application_id,
@@ -82,7 +111,7 @@ class JobRunner:
         await asyncio.to_thread(self.deliveries.save, delivery)
         owner = str(interaction.user.id)
         try:
-            job = await asyncio.to_thread(self.client.submit, checked, owner, delivery.job_id, max_pending)
+            job = await asyncio.to_thread(self.service.submit, checked, owner, delivery.job_id, max_pending)
         except JobRejected as refusal:  # the queue, or the user's share of it, is full
             await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
             if max_pending is not None:
@@ -90,11 +119,10 @@ class JobRunner:
             await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
             return
         logger.info("job %s submitted by user %s", job.job_id, interaction.user.id)
-        queued = {"type": "queued", "position": job.position}
         try:
             await interaction.response.send_message(
-                messages.progress_text(checked.prompt, queued),
-                view=messages.progress_view(job.job_id, delivery.user_id),
+                messages.progress_text(checked.prompt, Queued(position=job.position)),
+                view=progress_view(job.job_id, delivery.user_id),
             )
             delivery.message_id = (await interaction.original_response()).id
             await asyncio.to_thread(self.deliveries.save, delivery)
@@ -114,59 +142,39 @@ class JobRunner:
             self._followers[delivery.job_id] = task
             task.add_done_callback(lambda _: self._followers.pop(delivery.job_id, None))
 
-    def resume_all(self) -> int:
-        """Follow again every job not yet delivered (after a restart): finished ones are delivered now."""
-        pending = self.deliveries.pending()
-        for delivery in pending:
-            self.follow(delivery)
-        return len(pending)
-
-    async def stop(self) -> None:
-        """Stop following jobs; a delivery under way is finished first (for up to STOP_GRACE_S)."""
-        self._stopping = True
-        followers = list(self._followers.items())
-        if not followers:
-            return
-        for job_id, task in followers:
-            if job_id not in self._delivering:
-                task.cancel()
-        _, unfinished = await asyncio.wait([task for _, task in followers], timeout=STOP_GRACE_S)
-        for task in unfinished:
-            task.cancel()
-        await asyncio.gather(*(task for _, task in followers), return_exceptions=True)
-
     async def _follow(self, delivery: Delivery) -> None:
         prompt: str | None = None
-        cursor = EventCursor()
+        # Waits for Redis as long as it takes: giving up would leave the job undelivered until a restart.
+        follower = self.service.follower(delivery.job_id, outage_s=None)
         # The terminal event, once read: kept until its delivery succeeds (the cursor is already past it).
-        ending: dict[str, Any] | None = None
-        latest: dict[str, Any] | None = None
+        ending: JobEvent | None = None
+        latest: JobEvent | None = None
         preview: bytes | None = None
         last_edit = 0.0
         failures = 0
-        redis_away = False
         while True:
             try:
                 if prompt is None:
-                    job = await asyncio.to_thread(self.client.job, delivery.job_id)
+                    job = await asyncio.to_thread(self.service.job, delivery.job_id)
                     if job is None:
                         await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
                         return
                     prompt = job.options["prompt"]
                 if ending is None:
-                    events = await asyncio.to_thread(self.client.store.poll_events, delivery.job_id, cursor)
-                    for event in events:
-                        if event["type"] in TERMINAL_EVENTS:
+                    for event in await asyncio.to_thread(follower.poll):
+                        if event.type in TERMINAL_EVENTS:
                             ending = event
                             break
                         latest = event
-                        if event.get("preview_png"):
-                            preview = base64.b64decode(event["preview_png"])
-                if redis_away:
-                    logger.info("job %s: Redis answers again; following on", delivery.job_id)
-                    redis_away = False
+                        if isinstance(event, Step) and event.preview_png:
+                            preview = base64.b64decode(event.preview_png)
+                    if follower.outage.away:
+                        # Redis restarting: the job's events wait in its stream. Look again soon, not after a
+                        # backoff that would hold the result back long after Redis is back.
+                        await asyncio.sleep(REDIS_RETRY_S)
+                        continue
                 if ending is not None:
-                    if failures and await asyncio.to_thread(self.client.job, delivery.job_id) is None:
+                    if failures and await asyncio.to_thread(self.service.job, delivery.job_id) is None:
                         logger.warning("job %s: expired (RESULT_TTL_S) before it could be delivered", delivery.job_id)
                         await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
                         return
@@ -179,17 +187,13 @@ class JobRunner:
             except LookupError as error:  # its record expired, or Redis restarted without its data
                 logger.warning("job %s: %s; not following it any more", delivery.job_id, error)
                 if prompt is not None and delivery.editable:
-                    lost = f"**{messages.short_prompt(prompt)}**\n❌ The service lost this job; use /imagine again."
+                    lost = messages.with_prompt(prompt, "❌ The service lost this job; use /imagine again.")
                     with contextlib.suppress(discord.HTTPException):
                         await self._webhook(delivery).edit_message(delivery.message_id, content=lost, view=None)
                 await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
                 return
-            except REDIS_UNREACHABLE as error:
-                # Redis restarting: the job's events wait in its stream. Look again soon, not after a backoff
-                # that would hold the result back long after Redis is back.
-                if not redis_away:
-                    logger.warning("job %s: Redis is not answering (%s); waiting for it", delivery.job_id, error)
-                redis_away = True
+            except REDIS_UNREACHABLE as error:  # reading the job, or delivering: the same outage as the events'
+                follower.outage.failed(error)
                 await asyncio.sleep(REDIS_RETRY_S)
                 continue
             except Exception:
@@ -201,22 +205,24 @@ class JobRunner:
                 continue
             await asyncio.sleep(POLL_S)
 
-    async def _show_progress(self, delivery: Delivery, prompt: str, event: dict, preview: bytes | None) -> None:
+    async def _show_progress(self, delivery: Delivery, prompt: str, event: JobEvent, preview: bytes | None) -> None:
         if not delivery.editable:
             return  # progress goes through the interaction token only; the result does not need it
         wait_s = None
-        if event["type"] == "queued" and event.get("position"):
-            wait_s = (await asyncio.to_thread(self.client.queue_stats)).estimated_wait_s(event["position"])
+        if isinstance(event, Queued) and event.position:
+            wait_s = (await asyncio.to_thread(self.service.queue_stats)).estimated_wait_s(event.position)
         attachments = [messages.preview_file(preview)] if preview else discord.utils.MISSING
         with contextlib.suppress(discord.HTTPException):
             await self._webhook(delivery).edit_message(
                 delivery.message_id,
                 content=messages.progress_text(prompt, event, wait_s),
                 attachments=attachments,
-                view=messages.progress_view(delivery.job_id, delivery.user_id),
+                view=progress_view(delivery.job_id, delivery.user_id),
             )
 
-    async def _finish(self, delivery: Delivery, prompt: str, event: dict[str, Any]) -> None:
+    # Delivering ------------------------------------------------------------------------------
+
+    async def _finish(self, delivery: Delivery, prompt: str, event: JobEvent) -> None:
         while not await asyncio.to_thread(self.deliveries.claim, delivery.job_id):
             # Another bot process is delivering it, or died doing so: its claim then runs out unrenewed.
             if await asyncio.to_thread(self.deliveries.get, delivery.job_id) is None:
@@ -235,7 +241,7 @@ class JobRunner:
             renewal.cancel()
             self._delivering.discard(delivery.job_id)
         await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
-        logger.info("job %s delivered (%s)", delivery.job_id, event["type"])
+        logger.info("job %s delivered (%s)", delivery.job_id, event.type)
 
     async def _renew_claim(self, job_id: str) -> None:
         while True:
@@ -243,30 +249,30 @@ class JobRunner:
             with contextlib.suppress(*REDIS_UNREACHABLE):  # the next renewal tries again
                 await asyncio.to_thread(self.deliveries.renew_claim, job_id)
 
-    async def _deliver_outcome(self, delivery: Delivery, prompt: str, event: dict[str, Any]) -> None:
-        if event["type"] == "done":
-            result = await asyncio.to_thread(self.client.result, delivery.job_id)
-            if result is None:  # delivered already (another bot process) or expired
-                return
-            await self._deliver(
-                delivery,
-                content="",
-                channel_note="your images are ready",
-                embed=messages.result_embed(result, delivery.user_id),
-                files=lambda: messages.result_files(result),
-                view=messages.result_view(result, delivery.user_id),
-            )
-            await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
-        elif event["type"] == "failed":
-            text = f"**{messages.short_prompt(prompt)}**\n❌ The job failed: {messages.escape(event['message'])}"
-            await self._deliver(delivery, content=text, channel_note="your job failed")
-            await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
-        else:
-            text = f"**{messages.short_prompt(prompt)}**\n🚫 Cancelled."
-            if delivery.editable:
-                with contextlib.suppress(discord.HTTPException):
-                    await self._webhook(delivery).edit_message(delivery.message_id, content=text, view=None)
-            await asyncio.to_thread(self.client.confirm_delivery, delivery.job_id)
+    async def _deliver_outcome(self, delivery: Delivery, prompt: str, event: JobEvent) -> None:
+        match event:
+            case Done():
+                result = await asyncio.to_thread(self.service.result, delivery.job_id)
+                if result is None:  # delivered already (another bot process) or expired
+                    return
+                await self._deliver(
+                    delivery,
+                    content="",
+                    channel_note="your images are ready",
+                    embed=messages.result_embed(result, delivery.user_id),
+                    files=lambda: messages.result_files(result),
+                    view=result_view(result, delivery.user_id),
+                )
+            case Failed():
+                text = messages.with_prompt(prompt, f"❌ The job failed: {messages.escape(event.message)}")
+                await self._deliver(delivery, content=text, channel_note="your job failed")
+            case Cancelled():
+                if delivery.editable:
+                    with contextlib.suppress(discord.HTTPException):
+                        await self._webhook(delivery).edit_message(
+                            delivery.message_id, content=messages.with_prompt(prompt, "🚫 Cancelled."), view=None
+                        )
+        await asyncio.to_thread(self.service.confirm_delivery, delivery.job_id)
 
     async def _deliver(
         self, delivery: Delivery, content: str, channel_note: str, embed=None, files=None, view=None
@@ -303,39 +309,43 @@ class JobRunner:
 
     # Buttons ---------------------------------------------------------------------------------
 
-    async def on_button(
-        self, interaction: discord.Interaction, action: str, owner_id: int, job_id: str, index: int | None
-    ) -> None:
-        allowed = interaction.user.id == owner_id or self.bot.is_admin(interaction)
-        if action in ("cancel", "delete") and not allowed:
+    async def on_button(self, interaction: discord.Interaction, button: JobButton) -> None:
+        """What a click on a job's button does; the button's id says which job, whose, and which image."""
+        action, job_id = button.action, button.job_id
+        allowed = interaction.user.id == button.owner_id or is_admin(interaction, self.settings)
+        if action in (Action.CANCEL, Action.DELETE) and not allowed:
             await interaction.response.send_message(
-                f"Only <@{owner_id}> or an admin can {action} this.",
+                f"Only <@{button.owner_id}> or an admin can {action} this.",
                 ephemeral=True,
                 allowed_mentions=discord.AllowedMentions.none(),
             )
             return
-        if action == "cancel":
-            outcome = await asyncio.to_thread(self.client.cancel, job_id)
+        if action is Action.CANCEL:
+            outcome = await asyncio.to_thread(self.service.cancel, job_id)
             answer = {"cancelled": "Cancelled.", "cancelling": "Stopping it at the next step."}.get(
                 outcome, f"Too late to cancel: the job is {outcome}."
             )
             await interaction.response.send_message(answer, ephemeral=True)
-        elif action == "delete":
+        elif action is Action.DELETE:
             await interaction.response.defer(ephemeral=True, thinking=True)
             await interaction.message.delete()
             await interaction.followup.send("Deleted.", ephemeral=True)
         else:
-            record = await asyncio.to_thread(self.client.job, job_id)
+            record = await asyncio.to_thread(self.service.job, job_id)
             if record is None:
                 await interaction.response.send_message(
                     "This job is too old to reroll; use /imagine again.", ephemeral=True
                 )
                 return
             options = dict(record.options)
-            if action == "reroll":
+            if action is Action.REROLL:
                 options["seed"] = None
             else:
                 # Seeds near the image's own, past every seed of its job and of its siblings' variations.
                 count = options["num_images_per_prompt"]
-                options["seed"] = options["seed"] + count * (index + 1)
+                options["seed"] = options["seed"] + count * (button.index + 1)
             await self.submit(interaction, options)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(JobsCog(bot))

@@ -1,0 +1,139 @@
+"""Publishing a trained adapter into LORA_DIR, and telling the workers.
+
+The adapter is written beside LORA_DIR's entries under a hidden name (workers ignore hidden entries),
+then swapped into place in one step, so a worker reloading meanwhile sees the old adapter or the new
+one, never half of one; it is readable by workers running as another user (containers). Beside the
+weights go the model card, the training config, the metrics and the held-out captions that
+`python -m trainer eval` scores on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainer.data import SkipReport
+
+if TYPE_CHECKING:
+    from trainer.train import TrainConfig
+
+HELD_OUT = "held_out.json"
+"""The held-out images' names and captions, published with the adapter for `python -m trainer eval`."""
+VALIDATION_GRID = "validation.png"
+EVALUATION_HEADING = "## Evaluation"
+"""The model card's last section, rewritten by `python -m trainer eval`."""
+
+
+def publish(
+    config: TrainConfig,
+    lora_state,
+    lora_config,
+    final_loss: float,
+    steps: int,
+    trainable: int,
+    work: Path,
+    report: SkipReport,
+    validation_grid: Path | None,
+) -> Path:
+    """Write the adapter beside LORA_DIR's entries under a hidden name, then swap it into place
+    (`replace_folder`): a worker reloading meanwhile sees the old adapter or the new one, never half of one."""
+    from worker.adapters import save_adapter
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{config.output.name}.", dir=config.output.parent))
+    save_adapter(staging, lora_state, lora_config)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    (staging / "training_config.json").write_text(json.dumps(settings, indent=2))
+    shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
+    shutil.copy(work / "summary.json", staging / "summary.json")
+    shutil.copy(work / HELD_OUT, staging / HELD_OUT)
+    if validation_grid is not None:
+        shutil.copy(validation_grid, staging / VALIDATION_GRID)
+    crop = "centre" if config.center_crop else "random"
+    targets = ", ".join(sorted(lora_config.target_modules))
+    card = [
+        f"# LoRA adapter `{config.output.name}`",
+        "",
+        f"- base model: `{config.base_model}`",
+        f"- data: `{config.data}` ({report.summary()})",
+        f"- steps: {steps}, batch size {config.batch_size} × {config.gradient_accumulation_steps} accumulation",
+        f"- LoRA: rank {lora_config.r}, alpha {lora_config.lora_alpha}, on {targets} of the UNet "
+        f"({trainable:,} parameters)",
+        f"- optimizer: AdamW, learning rate {config.learning_rate} ({config.lr_scheduler}, "
+        f"{config.lr_warmup_steps} warm-up steps), weight decay {config.weight_decay}",
+        f"- resolution {config.resolution}, {crop} crop, flip {config.flip}, mixed precision "
+        f"{config.mixed_precision}, seed {config.seed}",
+        f"- final loss: {final_loss:.5f} (last step); on a fixed batch: see `summary.json`",
+        "",
+        "Files: `adapter_model.safetensors` + `adapter_config.json` (PEFT: `PeftModel.from_pretrained`),",
+        "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`), `training_config.json`,",
+        "`metrics.jsonl` (loss and learning rate per step), `held_out.json` (captions never trained on).",
+        "",
+        "## Validation",
+        "",
+        "The validation prompts with fixed seeds, base model on top, this adapter below:",
+        "",
+        f"![validation grid]({VALIDATION_GRID})",
+        "",
+        EVALUATION_HEADING,
+        "",
+        f"Not evaluated yet: `python -m trainer eval --adapter {config.output}`.",
+    ]
+    (staging / "README.md").write_text("\n".join(card) + "\n")
+    # mkdtemp and safetensors create owner-only files; workers often run as another user (in containers).
+    staging.chmod(0o755)
+    for path in staging.iterdir():
+        path.chmod(0o644)
+    replace_folder(staging, config.output)
+    print(f"published {config.output}")
+    return config.output
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, whose old version (if any) is deleted.
+
+    On Linux the two are exchanged in one step (renameat2 with RENAME_EXCHANGE), so a worker reloading
+    at that instant finds the old version or the new one. Where the kernel or the filesystem cannot,
+    two renames leave `target` missing for microseconds; a reload in them is refused as "not found" and
+    the previous version keeps serving.
+    """
+    if target.exists() and _exchange(new, target):
+        shutil.rmtree(new)  # now the old version
+        return
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{int(time.time())}"
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically; False where this system has no way to."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_current_directory, rename_exchange = -100, 2  # AT_FDCWD and RENAME_EXCHANGE from <fcntl.h>, <stdio.h>
+    if renameat2(at_current_directory, os.fsencode(first), at_current_directory, os.fsencode(second), rename_exchange):
+        error = ctypes.get_errno()
+        if error in (errno.ENOSYS, errno.EINVAL):  # an old kernel, or a filesystem without exchange
+            return False
+        raise OSError(error, os.strerror(error), str(first), None, str(second))
+    return True
+
+
+def notify_workers(name: str) -> None:
+    """Ask every worker to hot-reload adapter `name`, and print their answers."""
+    from imagine.admin import format_reload
+    from imagine.client import ImagineClient
+    from imagine.settings import ServiceSettings
+
+    print(format_reload(ImagineClient(ServiceSettings()).reload_adapters(name)))
