@@ -7,8 +7,10 @@ Two baselines, both with a warm disk cache: `from_pretrained` + move to the devi
 (safetensors are memory-mapped, so on CPU this touches few weights), and a restart: a new process
 that imports, loads and renders one 64 px step (which touches every weight), until it could serve.
 The reload is what `imagine-admin reload-adapter` costs a worker: read and hash the file, check it,
-load it beside the old version, and drop the old one. Two adapters alternate so every reload loads
-new weights.
+and copy the new version's tensors into the old one's LoRA layers (they have the same modules and ranks).
+Two versions alternate so every reload loads new weights. For comparison, the way every reload went
+before versions were swapped in place: the adapter loaded beside the old one (peft injects new LoRA
+layers into the UNet's modules) and the old one deleted.
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ def main() -> None:
     lora_dir = Path(tempfile.mkdtemp(prefix="bench-reload-"))
     source = load_pipeline(args.base_model, choose_placement("cpu", "float32"), cache, safety_checker=False)
     versions = []
-    for seed in (1, 2):
+    for seed, rank in ((1, 4), (2, 4), (3, 8), (4, 4)):
         folder = lora_dir / f".v{seed}"
-        lora = make_lora_state(source.unet, seed=seed, rank=4, alpha=4)
-        parameters = sum(tensor.numel() for name, tensor in lora.named_parameters() if "lora_" in name)
+        lora = make_lora_state(source.unet, seed=seed, rank=rank, alpha=rank)
+        if seed == 1:
+            parameters = sum(tensor.numel() for name, tensor in lora.named_parameters() if "lora_" in name)
         write_adapter(folder, "peft", lora)
         source.unet = lora.unload()  # the bare UNet again, for the next adapter
         versions.append(folder)
@@ -86,20 +89,28 @@ def main() -> None:
         if live.exists():
             live.unlink()
         live.symlink_to(versions[index % 2].name)
-        started = time.perf_counter()
-        registry.load("flickr30k")
-        if placement.device.type == "cuda":
-            import torch
+        reloads.append(timed(lambda: registry.load("flickr30k"), placement.device))
+    reloads = reloads[1:]  # the first load is not a reload
+    if registry.loaded["flickr30k"].internal_name != "adapter1":
+        raise RuntimeError("the reloads were not swapped in place")
 
-            torch.cuda.synchronize()
-        if index:  # the first load is not a reload
-            reloads.append(time.perf_counter() - started)
+    # What a reload costs where the new version does not fit the old one's layers (another rank), and what
+    # every reload cost before versions were swapped in place: loaded beside the old one (peft injects new
+    # LoRA layers into the UNet's modules), then the old one deleted.
+    injections = []
+    for index in range(args.reloads):
+        live.unlink()
+        live.symlink_to(versions[2 + index % 2].name)
+        injections.append(timed(lambda: registry.load("flickr30k"), placement.device))
 
-    full, restart, reload = statistics.median(full_loads), statistics.median(restarts), statistics.median(reloads)
+    full, restart = statistics.median(full_loads), statistics.median(restarts)
+    reload, injection = statistics.median(reloads), statistics.median(injections)
     print(f"{args.base_model} on {placement.device} ({placement.dtype}); rank-4 adapter, {parameters:,} parameters")
     print(f"from_pretrained + to(device)  median {full:8.3f} s  ({args.loads} loads)")
     print(f"restart until it can serve    median {restart:8.3f} s  ({args.loads} restarts)")
-    print(f"adapter hot reload            median {reload:8.3f} s  ({args.reloads} reloads)")
+    print(f"reload to another rank        median {injection:8.3f} s  ({args.reloads} reloads, loaded beside)")
+    print(f"hot reload, swapped in place  median {reload:8.3f} s  ({args.reloads} reloads)")
+    print(f"in place / beside             {reload / injection:.4f}")
     print(f"reload / from_pretrained      {reload / full:.4f}")
     print(f"reload / restart              {reload / restart:.4f}")
     if args.json:
@@ -108,12 +119,24 @@ def main() -> None:
             "device": str(placement.device),
             "from_pretrained_s": full,
             "restart_s": restart,
+            "load_beside_s": injection,
             "reload_s": reload,
+            "reload_over_load_beside": reload / injection,
             "reload_over_from_pretrained": reload / full,
             "reload_over_restart": reload / restart,
             "lora_parameters": parameters,
         }
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def timed(load, device) -> float:
+    started = time.perf_counter()
+    load()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def format_queue(client: ImagineClient) -> str:
     for letter in stats.dead_letters[:3]:
         lines.append(f"  refused {_when(letter.at)}: {letter.kind}: {letter.reason}")
     for name, status in sorted(stats.workers.items()):
-        busy = f"busy with {status.current_job}" if status.current_job else "idle"
+        rendering = status.current_jobs or ([status.current_job] if status.current_job else [])
+        busy = f"busy with {', '.join(rendering)}" if rendering else "idle"
         lines.append(f"  {name}: {busy}, {status.jobs_done} jobs done, {status.device}, {status.base_model}")
     return "\n".join(lines)
 

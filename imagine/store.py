@@ -560,6 +560,10 @@ class JobStore:
     def queue_length(self) -> int:
         return self.redis.zcard(self.key("pending"))
 
+    def queued(self, count: int) -> list[str]:
+        """The first `count` jobs of the queue, next first."""
+        return [member.decode() for member in self.redis.zrange(self.key("pending"), 0, count - 1)]
+
     def prune(self) -> int:
         """Forget queue and delivery entries of jobs whose records expired (RESULT_TTL_S), so that a
         lost message can never hold a place under the queue cap for ever. Returns how many went."""

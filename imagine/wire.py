@@ -219,7 +219,9 @@ class WorkerStatus(WireModel):
     adapter_errors: dict[str, str] = {}
     """Adapters whose current files it refused, and why; a version of them may still serve."""
     current_job: str | None = None
-    """The job it renders; None from the moment it announces the outcome."""
+    """The job it renders (the first of a batch); None from the moment its render is over."""
+    current_jobs: list[str] = []
+    """Every job of the batch it renders."""
     jobs_done: int
     heartbeat_at: float = 0.0
 

@@ -199,7 +199,11 @@ def test_a_stream_of_jobs_through_workers_killed_again_and_again_delivers_each_o
 
     killed = 0
     while killed < kills:
-        busy = wait_for(lambda: rendering() or client.store.queue_length() == 0, 120, "a worker to be rendering")
+
+        def all_ended() -> bool:
+            return client.store.queue_length() == 0 and not client.store.running_jobs()
+
+        busy = wait_for(lambda: rendering() or all_ended(), 120, "a worker to be rendering")
         if busy is True:  # a fast machine rendered everything already
             break
         victim, _ = chance.choice(busy)

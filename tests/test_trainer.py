@@ -155,7 +155,7 @@ def test_training_lowers_the_loss_and_writes_an_adapter_everyone_can_load(flickr
     served = load_pipeline("tiny", placement, model_cache, safety_checker=False)
     registry = AdapterRegistry(served, output.parent)
     assert registry.load("flickr30k").layout == "peft" and registry.loaded["flickr30k"].modules == 32
-    registry.activate("flickr30k", 1.0)
+    registry.activate((("flickr30k", 1.0),))
     assert render(served) == with_stock_loader
 
 

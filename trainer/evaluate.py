@@ -198,9 +198,9 @@ def evaluate(config: EvalConfig) -> dict:
     registry = AdapterRegistry(pipe, config.adapter.parent)
     loaded = registry.load(config.adapter.name)
     print(f"rendering {len(captions)} held-out captions on {config.base_model}, without and with {loaded.name}")
-    registry.activate(None, 0.0)
+    registry.activate(())
     base_images = render_prompts(pipe, captions, config.seed, config.steps, config.resolution)
-    registry.activate(loaded.name, config.scale)
+    registry.activate(((loaded.name, config.scale),))
     adapter_images = render_prompts(pipe, captions, config.seed, config.steps, config.resolution)
     del pipe, registry  # the CLIP model needs the memory next
 

@@ -1,6 +1,7 @@
-"""The attempt of a job that a worker has in hand, shared by its two threads: the job thread renders it,
-the liveness thread keeps its heartbeat fresh and tells the render to stop once another attempt holds
-its job (the worker was cut off from Redis long enough for another worker to take the job over)."""
+"""The attempts of jobs that a worker has in hand, shared by its threads: the job thread renders them (a
+batch holds several), the finisher stores and announces them, and the liveness thread keeps their
+heartbeats fresh and tells an attempt to stop once another attempt holds its job (the worker was cut off
+from Redis long enough for another worker to take the job over)."""
 
 from __future__ import annotations
 
@@ -14,46 +15,51 @@ class Attempt:
     number: int
 
 
-class AttemptInHand:
+@dataclass
+class _Held:
+    rendering: bool = True
+    superseded: bool = False
+
+
+class AttemptsInHand:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._attempt: Attempt | None = None
-        self._rendering = False
-        self._superseded = False
+        self._held: dict[Attempt, _Held] = {}
 
     def take(self, attempt: Attempt) -> None:
         """The worker claimed this attempt: from now on its heartbeat is kept fresh."""
         with self._lock:
-            self._attempt, self._rendering, self._superseded = attempt, True, False
+            self._held[attempt] = _Held()
 
-    def rendered(self) -> None:
-        """Its outcome is about to be announced: whoever reacts to it then sees the worker idle. Its
-        heartbeat is still kept until it is released."""
+    def rendered(self, attempt: Attempt) -> None:
+        """Its render is over: the status no longer shows it (it is being stored, or its outcome announced).
+        Its heartbeat is still kept until it is released."""
         with self._lock:
-            self._rendering = False
+            if attempt in self._held:
+                self._held[attempt].rendering = False
 
-    def release(self) -> None:
+    def release(self, attempt: Attempt) -> None:
         with self._lock:
-            self._attempt, self._rendering, self._superseded = None, False, False
-
-    @property
-    def current(self) -> Attempt | None:
-        with self._lock:
-            return self._attempt
+            self._held.pop(attempt, None)
 
     @property
-    def rendering_job(self) -> str | None:
-        """The job the worker renders, as its status shows it."""
+    def current(self) -> list[Attempt]:
         with self._lock:
-            return self._attempt.job_id if self._attempt is not None and self._rendering else None
+            return list(self._held)
+
+    @property
+    def rendering_jobs(self) -> list[str]:
+        """The jobs the worker renders, as its status shows them."""
+        with self._lock:
+            return [attempt.job_id for attempt, held in self._held.items() if held.rendering]
 
     def supersede(self, attempt: Attempt) -> None:
         """Another attempt holds the job now (the liveness thread learnt it from a refused heartbeat)."""
         with self._lock:
-            if self._attempt == attempt:
-                self._superseded = True
+            if attempt in self._held:
+                self._held[attempt].superseded = True
 
-    @property
-    def superseded(self) -> bool:
+    def superseded(self, attempt: Attempt) -> bool:
         with self._lock:
-            return self._superseded
+            held = self._held.get(attempt)
+            return held is not None and held.superseded

@@ -23,7 +23,7 @@ from imagine.queue import messages_on_queue, send_job, task_id
 from imagine.store import REDIS_UNREACHABLE, JobStore, RedisOutage
 from imagine.wire import JobState, Queued, WorkerStatus
 from worker.adapters import AdapterRegistry
-from worker.attempt import AttemptInHand
+from worker.attempt import AttemptsInHand
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class StatusBoard:
         settings: WorkerSettings,
         device: str,
         adapters: AdapterRegistry,
-        attempt: AttemptInHand,
+        attempt: AttemptsInHand,
     ) -> None:
         self.store = store
         self.worker_name = worker_name
@@ -85,13 +85,15 @@ class StatusBoard:
         self._lock = threading.Lock()
 
     def status(self) -> WorkerStatus:
+        rendering = self.attempt.rendering_jobs
         return WorkerStatus(
             device=self.device,
             base_model=self.settings.base_model,
             default_adapter=self.settings.default_adapter or None,
             adapters=self.adapters.loaded,
             adapter_errors=dict(self.adapter_errors),
-            current_job=self.attempt.rendering_job,
+            current_job=next(iter(rendering), None),
+            current_jobs=rendering,
             jobs_done=self.jobs_done,
         )
 
@@ -121,7 +123,7 @@ class Janitor:
         store: JobStore,
         app: Celery,
         board: StatusBoard,
-        attempt: AttemptInHand,
+        attempt: AttemptsInHand,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -160,9 +162,9 @@ class Janitor:
 
     def beat(self) -> None:
         self.board.publish()
-        attempt = self.attempt.current
-        if attempt is not None and not self.store.heartbeat(attempt.job_id, attempt.number, self.board.worker_name):
-            self.attempt.supersede(attempt)
+        for attempt in self.attempt.current:
+            if not self.store.heartbeat(attempt.job_id, attempt.number, self.board.worker_name):
+                self.attempt.supersede(attempt)
         self.requeue_dead_jobs()
         self.resend_lost_jobs()
 
@@ -171,10 +173,10 @@ class Janitor:
     def requeue_dead_jobs(self, dead_worker: str = "") -> None:
         """Run again the jobs whose worker stopped sending heartbeats (or is `dead_worker`, this worker's
         previous process), or fail those out of attempts."""
-        current = self.attempt.current
+        in_hand = {attempt.job_id for attempt in self.attempt.current}
         dead_before = self.store.now() - self.settings.worker_dead_after_s
         for job_id in self.store.running_jobs():
-            if current is not None and job_id == current.job_id:
+            if job_id in in_hand:
                 continue
             with job_context(job_id):
                 self._each_job(job_id, "requeueing", self._requeue_if_dead, job_id, dead_before, dead_worker)

@@ -230,6 +230,10 @@ def load_pipeline(base_model: str, placement: Placement, cache_dir: Path, safety
             "and set BASE_MODEL to that folder; or set BASE_MODEL=tiny for the offline demo model."
         ) from error
     pipe = pipe.to(placement.device)
+    if placement.device.type == "cuda":
+        # Convolutions in NHWC, the layout tensor cores read without a transpose.
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     logger.info(
         "loaded base model %s on %s (%s), safety checker %s",
@@ -239,3 +243,13 @@ def load_pipeline(base_model: str, placement: Placement, cache_dir: Path, safety
         "on" if pipe.safety_checker is not None else "off",
     )
     return pipe
+
+
+def compile_pipeline(pipe, backend: str, mode: str | None) -> None:
+    """torch.compile the UNet and the VAE's decoder in place (the module objects stay: adapters, fusing and
+    hot-swapping reach the same layers). Call it after `pipe.enable_lora_hotswap` and the first adapter's
+    load, so that later reloads and switches swap tensors in place without recompiling."""
+    options = {"backend": backend, **({"mode": mode} if mode else {})}
+    pipe.unet.compile(**options)
+    pipe.vae.decoder.compile(**options)
+    logger.info("compiled the UNet and the VAE decoder (%s)", ", ".join(f"{k}={v}" for k, v in options.items()))

@@ -1,4 +1,13 @@
-"""Rendering one job on the loaded pipeline: the model logic, separate from the queue that feeds it."""
+"""Rendering on the loaded pipeline: the model logic, separate from the queue that feeds it.
+
+Jobs that can share a pipeline call (`BatchKey`: the same size, steps, guidance, scheduler, adapter and
+scale, safety check) are rendered together, each image with its own prompt, negative prompt and seed.
+`render_batch` runs the pipeline and stops at the decoded images; `finish_images` runs the safety
+checker and encodes the PNGs, which the worker does off the render thread, while the next batch renders.
+
+A batched image is not bit-identical to the same job rendered alone: some convolution and matmul
+kernels depend on the batch size (on a CPU, a pixel value in a few tens of thousands moves by one).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
 from imagine.contract import NO_ADAPTER, JobOptions, JobRejected
-from worker.adapters import AdapterError, AdapterRegistry
+from worker.adapters import Activation, AdapterError, AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +34,46 @@ PREVIEW_SIDE = 128
 
 
 @dataclass(frozen=True)
+class BatchKey:
+    """What jobs must share to render in one pipeline call."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str
+    adapters: Activation
+    """The adapters and their scales; empty for the base model alone (whatever scale was asked)."""
+    safety_checker: bool
+
+
+@dataclass(frozen=True)
 class RenderPlan:
     """What a job will render with, settled before it starts: known problems refuse it here."""
 
     adapter: str | None
     adapter_version: str | None
     warnings: list[str]
+    batch_key: BatchKey
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One job of a batch: its options, its plan, and its images' rows in the batch."""
+
+    options: JobOptions
+    plan: RenderPlan
+    rows: slice
+
+
+@dataclass
+class DecodedBatch:
+    """A batch's images, decoded (on the render device, values in [0, 1]), not yet checked or encoded."""
+
+    images: torch.Tensor
+    entries: list[BatchEntry]
+    scheduler: str
+    render_s: float
 
 
 @dataclass
@@ -44,7 +88,8 @@ class RenderOutput:
 
 
 StepCallback = Callable[[int, int, "torch.Tensor"], None]
-"""Called after each denoising step with (step, total, latents); an exception it raises stops the render."""
+"""Called after each denoising step with (step, total, latents of the whole batch); an exception it raises
+stops the render."""
 
 
 def _scheduler_classes() -> dict[str, type]:
@@ -63,6 +108,21 @@ def _scheduler_classes() -> dict[str, type]:
         "euler_ancestral": EulerAncestralDiscreteScheduler,
         "dpmpp_2m": DPMSolverMultistepScheduler,
     }
+
+
+def with_timesteps_on_cpu(scheduler_class: type) -> type:
+    """The scheduler, keeping its timesteps on the CPU whatever device the pipeline asks for.
+
+    PNDM and DDIM (SD v1-4's default is PNDM) index CPU tensors with the step's timestep: with the timesteps
+    on the GPU, each step then waits for the GPU a few times. On the CPU, the index is a CPU number, the
+    UNet copies its timestep to the GPU without waiting, and the arithmetic is the same."""
+
+    class TimestepsOnCpu(scheduler_class):
+        def set_timesteps(self, *args, device=None, **kwargs):
+            return super().set_timesteps(*args, device="cpu", **kwargs)
+
+    TimestepsOnCpu.__qualname__ = TimestepsOnCpu.__name__ = f"{scheduler_class.__name__}TimestepsOnCpu"
+    return TimestepsOnCpu
 
 
 def latent_preview(latents: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes | None:
@@ -114,13 +174,20 @@ class Renderer:
         self.adapters = adapters
         self.default_adapter = default_adapter or None
         self.allow_safety_checker_off = allow_safety_checker_off
-        self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in _scheduler_classes().items()}
-        self._schedulers["default"] = pipe.scheduler
+        # The safety checker runs in `finish_images`, off the render thread: never inside the pipeline call.
+        self.safety_checker, self.feature_extractor = pipe.safety_checker, pipe.feature_extractor
+        pipe.safety_checker = None
+        classes = {name: with_timesteps_on_cpu(cls) for name, cls in _scheduler_classes().items()}
+        classes["default"] = with_timesteps_on_cpu(type(pipe.scheduler))
+        self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in classes.items()}
+        self._scheduler_names = {"default": type(pipe.scheduler).__name__} | {
+            name: cls.__name__ for name, cls in _scheduler_classes().items()
+        }
 
     def plan(self, options: JobOptions) -> RenderPlan:
         """Resolve the adapter and check what can be checked before rendering. Raises AdapterError or
         JobRejected with a message for the user."""
-        if not options.safety_checker and not self.allow_safety_checker_off and self.pipe.safety_checker is not None:
+        if not options.safety_checker and not self.allow_safety_checker_off and self.safety_checker is not None:
             raise JobRejected(
                 "safety_checker: this service does not allow turning the safety checker off", "safety_checker"
             )
@@ -131,7 +198,16 @@ class Renderer:
                 f"adapter {adapter!r} is not loaded on this worker; available: "
                 f"{', '.join(self.adapters.loaded) or 'none'}"
             )
-        return RenderPlan(adapter, loaded.version if loaded else None, self.prompt_warnings(options))
+        key = BatchKey(
+            width=options.width,
+            height=options.height,
+            num_inference_steps=options.num_inference_steps,
+            guidance_scale=options.guidance_scale,
+            scheduler=options.scheduler,
+            adapters=((adapter, options.adapter_scale),) if adapter else (),
+            safety_checker=options.safety_checker and self.safety_checker is not None,
+        )
+        return RenderPlan(adapter, loaded.version if loaded else None, self.prompt_warnings(options), key)
 
     def _resolve_adapter(self, options: JobOptions) -> str | None:
         if options.adapter == NO_ADAPTER:
@@ -160,15 +236,29 @@ class Renderer:
                 )
         return warnings
 
-    def render(
-        self, options: JobOptions, plan: RenderPlan | None = None, on_step: StepCallback | None = None
-    ) -> RenderOutput:
-        plan = plan or self.plan(options)
-        self.adapters.activate(plan.adapter, options.adapter_scale)
-        scheduler = self._schedulers[options.scheduler]
-        seeds = options.seeds
-        # CPU generators: the same seed gives the same starting noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    @staticmethod
+    def entries(jobs: list[tuple[JobOptions, RenderPlan]]) -> list[BatchEntry]:
+        """The jobs of one batch, each with the rows its images take, in order."""
+        entries, row = [], 0
+        for options, plan in jobs:
+            entries.append(BatchEntry(options, plan, slice(row, row + options.num_images_per_prompt)))
+            row += options.num_images_per_prompt
+        return entries
+
+    def render_batch(self, entries: list[BatchEntry], on_step: StepCallback | None = None) -> DecodedBatch:
+        """Run the pipeline once for every image of the batch's jobs, which share one BatchKey."""
+        keys = {entry.plan.batch_key for entry in entries}
+        if len(keys) != 1:
+            raise ValueError(f"a batch's jobs must share one BatchKey (got {len(keys)})")
+        (key,) = keys
+        self.adapters.activate(key.adapters)
+        prompts, negative_prompts, generators = [], [], []
+        for entry in entries:
+            count = entry.options.num_images_per_prompt
+            prompts += [entry.options.prompt] * count
+            negative_prompts += [entry.options.negative_prompt] * count
+            # CPU generators: the same seed gives the same starting noise on any device, alone or batched.
+            generators += [torch.Generator("cpu").manual_seed(seed) for seed in entry.options.seeds]
 
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             if on_step is not None:
@@ -176,43 +266,64 @@ class Renderer:
                 on_step(step + 1, pipe.num_timesteps, tensors["latents"])
             return tensors
 
-        safety_checker = self.pipe.safety_checker
+        self.pipe.scheduler = self._schedulers[key.scheduler]
         started = time.perf_counter()
-        try:
-            self.pipe.scheduler = scheduler
-            if not options.safety_checker:
-                self.pipe.safety_checker = None
-            output = self.pipe(
-                prompt=options.prompt,
-                negative_prompt=options.negative_prompt or None,
-                num_inference_steps=options.num_inference_steps,
-                guidance_scale=options.guidance_scale,
-                width=options.width,
-                height=options.height,
-                num_images_per_prompt=options.num_images_per_prompt,
-                generator=generators,
-                callback_on_step_end=step_end,
-            )
-        finally:
-            self.pipe.safety_checker = safety_checker
-        render_s = time.perf_counter() - started
+        images = self.pipe(
+            prompt=prompts,
+            negative_prompt=negative_prompts,
+            num_inference_steps=key.num_inference_steps,
+            guidance_scale=key.guidance_scale,
+            width=key.width,
+            height=key.height,
+            generator=generators,
+            callback_on_step_end=step_end,
+            output_type="pt",
+        ).images
+        return DecodedBatch(images, entries, self._scheduler_names[key.scheduler], time.perf_counter() - started)
 
-        flagged = output.nsfw_content_detected or [False] * len(output.images)
-        png_text = {"prompt": options.prompt, "adapter": plan.adapter or NO_ADAPTER}
-        images = [
-            None if is_flagged else encode_png(image, {**png_text, "seed": str(seed)})
-            for image, seed, is_flagged in zip(output.images, seeds, flagged, strict=True)
-        ]
-        warnings = list(plan.warnings)
-        if any(flagged):
-            warnings.append(
-                f"The safety checker withheld {sum(flagged)} of {len(flagged)} images as possibly NSFW "
-                f"(seeds {', '.join(str(s) for s, f in zip(seeds, flagged, strict=True) if f)})."
-            )
-        return RenderOutput(
-            images=images,
-            seeds=seeds,
-            scheduler=type(scheduler).__name__,
-            warnings=warnings,
-            render_s=render_s,
-        )
+    def finish_images(self, batch: DecodedBatch) -> list[RenderOutput]:
+        """The safety check and the PNGs of a rendered batch, one RenderOutput per job."""
+        pixels = batch.images.permute(0, 2, 3, 1).float().cpu().numpy()
+        flagged = [False] * len(pixels)
+        if batch.entries[0].plan.batch_key.safety_checker:
+            flagged = self._unsafe(pixels)
+        outputs = []
+        for entry in batch.entries:
+            seeds, rows = entry.options.seeds, range(*entry.rows.indices(len(pixels)))
+            png_text = {"prompt": entry.options.prompt, "adapter": entry.plan.adapter or NO_ADAPTER}
+            images = [
+                None if flagged[row] else encode_png(_to_image(pixels[row]), {**png_text, "seed": str(seed)})
+                for row, seed in zip(rows, seeds, strict=True)
+            ]
+            warnings = list(entry.plan.warnings)
+            withheld = [seed for row, seed in zip(rows, seeds, strict=True) if flagged[row]]
+            if withheld:
+                warnings.append(
+                    f"The safety checker withheld {len(withheld)} of {len(seeds)} images as possibly NSFW "
+                    f"(seeds {', '.join(map(str, withheld))})."
+                )
+            outputs.append(RenderOutput(images, seeds, batch.scheduler, warnings, batch.render_s))
+        return outputs
+
+    def _unsafe(self, pixels: np.ndarray) -> list[bool]:
+        """The safety checker's verdict on each image (as the pipeline's own `run_safety_checker` asks it)."""
+        device, dtype = self.pipe.device, self.pipe.unet.dtype
+        clip_input = self.feature_extractor(_to_images(pixels), return_tensors="pt").pixel_values
+        _, flagged = self.safety_checker(images=pixels.copy(), clip_input=clip_input.to(device, dtype))
+        return [bool(flag) for flag in flagged]
+
+    def render(
+        self, options: JobOptions, plan: RenderPlan | None = None, on_step: StepCallback | None = None
+    ) -> RenderOutput:
+        """One job alone, to its PNGs (warm-up, evaluation, tests)."""
+        (entry,) = self.entries([(options, plan or self.plan(options))])
+        (output,) = self.finish_images(self.render_batch([entry], on_step))
+        return output
+
+
+def _to_image(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray((pixels * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def _to_images(pixels: np.ndarray) -> list[Image.Image]:
+    return [_to_image(image) for image in pixels]

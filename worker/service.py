@@ -22,11 +22,11 @@ from imagine.logs import job_context
 from imagine.queue import RefusedMessage
 from imagine.store import JobStore
 from worker.adapters import AdapterRegistry, list_adapters
-from worker.attempt import AttemptInHand
+from worker.attempt import AttemptsInHand
 from worker.jobs import JobRunner
 from worker.liveness import Janitor, StatusBoard, wait_until_name_is_free
 from worker.metrics import WorkerMetrics
-from worker.pipeline import choose_placement, load_pipeline
+from worker.pipeline import choose_placement, compile_pipeline, load_pipeline
 from worker.reloads import AdapterReloads
 from worker.renderer import Renderer
 from worker.settings import WorkerSettings
@@ -48,9 +48,15 @@ class WorkerService:
         wait_until_name_is_free(store, worker_name, settings.worker_dead_after_s)
         placement = choose_placement(settings.device, settings.dtype)
         pipe = load_pipeline(settings.base_model, placement, settings.model_cache_dir, settings.safety_checker)
-        registry = AdapterRegistry(pipe, settings.lora_dir, settings.max_adapter_bytes)
+        registry = AdapterRegistry(
+            pipe,
+            settings.lora_dir,
+            settings.max_adapter_bytes,
+            fuse=settings.default_adapter if settings.fuse_default_adapter else None,
+            scales_as_tensors=settings.compile,
+        )
         renderer = Renderer(pipe, registry, settings.default_adapter, settings.allow_safety_checker_off)
-        in_hand = AttemptInHand()
+        in_hand = AttemptsInHand()
         board = StatusBoard(store, worker_name, settings, str(placement.device), registry, in_hand)
         metrics = WorkerMetrics(store)
         reloads = AdapterReloads(
@@ -62,7 +68,13 @@ class WorkerService:
             reloads,
             Janitor(settings, store, app, board, in_hand),
         )
+        if settings.compile:
+            # Before the first adapter: its LoRA tensors are then made the largest rank a reload may bring,
+            # and their scales tensors, so that swapping adapters in place never recompiles.
+            pipe.enable_lora_hotswap(target_rank=settings.lora_max_rank)
         reloads.reload(list_adapters(settings.lora_dir))
+        if settings.compile:
+            compile_pipeline(pipe, settings.compile_backend, settings.compile_mode)
         if settings.warmup_steps:
             service.warm_up()
         # A job still marked running under this worker's name died with its previous process.
@@ -70,13 +82,43 @@ class WorkerService:
         return service
 
     def warm_up(self) -> None:
+        """Renders a few throwaway steps before the first job, so that no user pays for what the first render
+        sets up: with the default adapter, as most jobs use it. A compiled pipeline is warmed up on every path
+        a job may take (the base model, the default adapter fused, another adapter's LoRA layers) at one
+        image and at a full batch, so that none compiles under a user's job."""
         started = time.perf_counter()
-        options = parse_job_options(
-            {"prompt": "warm-up", "num_inference_steps": self.settings.warmup_steps, "adapter": "none", "seed": 0},
-            self.settings.limits,
+        renderer = self.jobs.renderer
+        loaded = renderer.adapters.loaded
+        adapters = [self.settings.default_adapter if self.settings.default_adapter in loaded else "none"]
+        batches = [1]
+        if self.settings.compile:
+            others = [name for name in loaded if name != self.settings.default_adapter]
+            adapters = list(dict.fromkeys([*adapters, "none", *others[:1]]))
+            batches = sorted({1, self.settings.batch_max_images})
+        for adapter in adapters:
+            for images in batches:
+                jobs = []
+                per_job = self.settings.limits.max_images
+                for seed in range(0, images, per_job):
+                    count = min(per_job, images - seed)
+                    options = parse_job_options(
+                        {
+                            "prompt": "warm-up",
+                            "num_inference_steps": self.settings.warmup_steps,
+                            "num_images_per_prompt": count,
+                            "adapter": adapter,
+                            "seed": seed,
+                        },
+                        self.settings.limits,
+                    )
+                    jobs.append((options, renderer.plan(options)))
+                renderer.finish_images(renderer.render_batch(renderer.entries(jobs)))
+        logger.info(
+            "warmed up in %.2f s (adapters %s, batches of %s images)",
+            time.perf_counter() - started,
+            ", ".join(adapters),
+            ", ".join(map(str, batches)),
         )
-        self.jobs.renderer.render(options)
-        logger.info("warmed up in %.2f s", time.perf_counter() - started)
 
     def run_job(self, job_id: str, options: dict[str, Any], attempt: int) -> dict[str, Any]:
         """Apply the reloads requested meanwhile, then run the job: it never renders with stale adapters."""
@@ -97,5 +139,7 @@ class WorkerService:
         self.janitor.start()
 
     def stop(self) -> None:
+        """After the last job's render: its delivery finishes first, then the heartbeats stop."""
+        self.jobs.finisher.stop()
         self.janitor.stop()
         self.janitor.board.withdraw()

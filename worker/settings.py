@@ -42,6 +42,26 @@ class WorkerSettings(ServiceSettings):
     preview_interval_s: float = Field(
         2.0, ge=0, description="Least time between two preview images in step events; 0 sends none."
     )
+    batch_max_images: int = Field(
+        8, ge=1, description="Most images one pipeline call renders, from several jobs that can share it."
+    )
+    batch_lookahead: int = Field(
+        16,
+        ge=1,
+        description="How far into the queue a worker looks for jobs to join a batch (none is overtaken more).",
+    )
+    batch_gather_s: float = Field(
+        0.0, ge=0, description="How long a worker waits for jobs to join a batch; 0 takes only those already queued."
+    )
+    fuse_default_adapter: bool = Field(
+        True, description="Merge the default adapter into the base weights while the renders use it alone."
+    )
+    compile: bool = Field(False, description="torch.compile the UNet and the VAE decoder (worth it on a GPU).")
+    compile_backend: str = Field("inductor", description="torch.compile's backend.")
+    compile_mode: str | None = Field(None, description="torch.compile's mode (e.g. max-autotune); none: its default.")
+    lora_max_rank: int = Field(
+        64, ge=1, description="With COMPILE: the largest LoRA rank a reload swaps in without recompiling."
+    )
     lost_message_after_s: float = Field(
         30.0,
         gt=0,
