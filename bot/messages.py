@@ -57,11 +57,13 @@ def result_embed(result: JobResult, requester_id: int) -> discord.Embed:
     embed.add_field(name="Steps", value=str(meta.num_inference_steps))
     embed.add_field(name="Guidance", value=f"{meta.guidance_scale:g}")
     embed.add_field(name="Size", value=f"{meta.width}×{meta.height}")
-    if meta.adapter:
+    if meta.adapters:  # each adapter of a blend with its version and scale
+        adapter = ", ".join(f"{use.name} ({use.version}) × {use.scale:g}" for use in meta.adapters)
+    elif meta.adapter:  # a result of a worker from before blends
         adapter = f"{meta.adapter} ({meta.adapter_version}) × {meta.adapter_scale:g}"
     else:
         adapter = "none (base model)"
-    embed.add_field(name="Adapter", value=adapter)
+    embed.add_field(name="Adapters" if len(meta.adapters) > 1 else "Adapter", value=adapter)
     embed.add_field(name="Scheduler", value=meta.scheduler)
     embed.add_field(name="Worker", value=f"`{meta.worker}`")
     embed.add_field(name="Time", value=f"{meta.render_s:.1f} s render, {meta.queue_wait_s:.1f} s in queue")

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from imagine.client import EXIT_UNREACHABLE, ImagineClient, unreachable_message
-from imagine.contract import MAX_PROMPT_CHARS, NO_ADAPTER, SCHEDULERS, JobRejected, default
+from imagine.contract import MAX_PROMPT_CHARS, NO_ADAPTER, SCHEDULERS, JobRejected, default, parse_adapter_list
 from imagine.settings import ServiceSettings
 from imagine.store import REDIS_UNREACHABLE
 from imagine.wire import Cancelled, Failed, Queued, Started, Step
@@ -38,7 +38,11 @@ def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="Seed of the first image (random when absent).")
     parser.add_argument("--count", type=int, help=f"Number of images, {span('num_images_per_prompt')}.")
     parser.add_argument(
-        "--adapter", help=f"LoRA adapter name (default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': base)."
+        "--adapter",
+        action="append",
+        metavar="NAME[:SCALE]",
+        help=f"LoRA adapter, at a scale ({span('adapter_scale')}); give it again to blend several "
+        f"(at most {settings.max_adapters}). Default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': the base model.",
     )
     parser.add_argument("--adapter-scale", type=float, help=f"Adapter strength, {span('adapter_scale')}.")
     parser.add_argument("--scheduler", choices=SCHEDULERS, help=f"Sampler, default {default('scheduler')}.")
@@ -67,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
     given = {name: value for name, value in vars(args).items() if name != "out" and value is not None}
     options = {OPTION_NAMES.get(name, name): value for name, value in given.items()}
+    chosen = options.pop("adapter", [])
     client = ImagineClient(settings, client_name="cli")
     try:
+        if len(chosen) == 1 and ":" not in chosen[0]:
+            options["adapter"] = chosen[0]  # one adapter, at --adapter-scale
+        elif chosen:
+            options["adapters"] = parse_adapter_list(",".join(chosen))
         job = client.submit(options)
     except JobRejected as error:
         print(f"imagine: refused: {error}", file=sys.stderr)

@@ -45,6 +45,7 @@ class Limits:
     max_side: int = 1024
     max_pixels: int = 1024 * 1024
     min_side: int = 64
+    max_adapters: int = 4
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """The allowed range of each numeric option, as shown in error messages and help texts."""
@@ -57,6 +58,25 @@ class Limits:
             "num_images_per_prompt": (1, min(self.max_images, HARD_MAX_IMAGES)),
             "adapter_scale": ADAPTER_SCALE_RANGE,
         }
+
+
+class AdapterChoice(BaseModel):
+    """One adapter of a job's blend, at its strength."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    scale: float = 1.0
+
+    @field_validator("name")
+    @classmethod
+    def _adapter_name(cls, value: str) -> str:
+        if not ADAPTER_NAME_PATTERN.match(value) or value == NO_ADAPTER:
+            raise ValueError(
+                "adapters: each name is letters, digits, '.', '_' or '-' (at most 64, no path); "
+                f"for the base model alone give adapter '{NO_ADAPTER}' instead (got {value!r})"
+            )
+        return value
 
 
 class JobOptions(BaseModel):
@@ -75,6 +95,8 @@ class JobOptions(BaseModel):
     adapter: str | None = None
     """None: the worker's DEFAULT_ADAPTER; `none`: the base model alone."""
     adapter_scale: float = 1.0
+    adapters: list[AdapterChoice] | None = None
+    """Several adapters blended in one render, each at its scale; instead of `adapter` and `adapter_scale`."""
     scheduler: str = "default"
     safety_checker: bool = True
     """False asks for no safety check; the worker honours it only where its operator allows it."""
@@ -114,6 +136,16 @@ class JobOptions(BaseModel):
         return value
 
     @property
+    def blend(self) -> list[tuple[str, float]] | None:
+        """The adapters asked for, with their scales: None for the worker's default adapter (at `adapter_scale`),
+        empty for the base model alone."""
+        if self.adapters is not None:
+            return [(choice.name, choice.scale) for choice in self.adapters]
+        if self.adapter == NO_ADAPTER:
+            return []
+        return None if self.adapter is None else [(self.adapter, self.adapter_scale)]
+
+    @property
     def seeds(self) -> list[int]:
         """The seed of each image: consecutive from `seed`, so image i is reproducible on its own."""
         if self.seed is None:
@@ -145,6 +177,10 @@ def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobO
     except ValidationError as error:
         first = error.errors()[0]
         option = str(first["loc"][0]) if first["loc"] else None
+        where = ".".join(map(str, first["loc"]))
+        if first["type"] == "extra_forbidden" and len(first["loc"]) > 1:  # inside the adapters list
+            known = ", ".join(AdapterChoice.model_fields)
+            raise JobRejected(f"{where}: unknown field; each adapter has {known}", option) from None
         if first["type"] == "extra_forbidden":
             known = ", ".join(JobOptions.model_fields)
             raise JobRejected(f"unknown option {option!r}; the options are: {known}", option) from None
@@ -153,14 +189,18 @@ def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobO
         if option in ranges:
             raise JobRejected(_range_message(option, *ranges[option], first.get("input")), option) from None
         message = str(first["msg"]).removeprefix("Value error, ")
-        if first["type"] in ("string_type", "bool_type", "bool_parsing"):
-            message = f"{option}: {message} (got {first.get('input')!r})"
+        if not message.startswith(f"{option}:") and (
+            len(first["loc"]) > 1 or first["type"] in ("string_type", "bool_type", "bool_parsing", "list_type")
+        ):
+            message = f"{where}: {message} (got {first.get('input')!r})"
         raise JobRejected(message, option) from None
 
     for option, (low, high) in ranges.items():
         value = getattr(options, option)
         if value is not None and not low <= value <= high:
             raise JobRejected(_range_message(option, low, high, value), option)
+    if options.adapters is not None:
+        _check_adapters(options, limits)
     for side in ("width", "height"):
         if getattr(options, side) % 8:
             raise JobRejected(f"{side} must be a multiple of 8 (got {getattr(options, side)})", side)
@@ -179,3 +219,49 @@ def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobO
             "seed",
         )
     return options
+
+
+def _check_adapters(options: JobOptions, limits: Limits) -> None:
+    names = [choice.name for choice in options.adapters]
+    if options.adapter is not None or options.adapter_scale != default("adapter_scale"):
+        raise JobRejected(
+            "give either adapters (several, each with its scale) or adapter and adapter_scale, not both", "adapters"
+        )
+    if not names:
+        raise JobRejected(
+            f"adapters must name at least one adapter; for the base model alone give adapter '{NO_ADAPTER}'",
+            "adapters",
+        )
+    if len(names) > limits.max_adapters:
+        raise JobRejected(f"adapters: at most {limits.max_adapters} in one job (got {len(names)})", "adapters")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise JobRejected(f"adapters: {', '.join(twice)} is listed twice; give each adapter once", "adapters")
+    low, high = ADAPTER_SCALE_RANGE
+    for choice in options.adapters:
+        if not low <= choice.scale <= high:
+            raise JobRejected(
+                f"adapters: the scale of {choice.name} must be a number from {low} to {high} (got {choice.scale!r})",
+                "adapters",
+            )
+
+
+def parse_adapter_list(text: str) -> list[dict[str, Any]]:
+    """`flickr30k:0.8, style:0.5` (a name without a scale is at 1) as the `adapters` option, for front ends
+    where a user types them. Raises JobRejected for a scale that is not a number; the rest is checked by
+    `parse_job_options`."""
+    choices: list[dict[str, Any]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, colon, scale = item.partition(":")
+        choice: dict[str, Any] = {"name": name.strip()}
+        if colon:
+            try:
+                choice["scale"] = float(scale)
+            except ValueError:
+                raise JobRejected(
+                    f"adapters: the scale after ':' in {item!r} must be a number, as in flickr30k:0.8", "adapters"
+                ) from None
+        choices.append(choice)
+    return choices

@@ -23,6 +23,7 @@ class ServiceSettings(BaseSettings):
     max_images: int = Field(HARD_MAX_IMAGES, ge=1, le=HARD_MAX_IMAGES, description="Most images in one job.")
     max_side: int = Field(1024, ge=64, description="Largest width or height, in pixels.")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width × height of one image.")
+    max_adapters: int = Field(4, ge=1, description="Most adapters one job may blend.")
     max_queue_length: int = Field(100, ge=1, description="Jobs waiting at once; more are refused as 'queue full'.")
 
     job_time_limit_s: float = Field(600, gt=0, description="A job still rendering after this long is failed.")
@@ -44,6 +45,7 @@ class ServiceSettings(BaseSettings):
             max_images=self.max_images,
             max_side=self.max_side,
             max_pixels=self.max_pixels,
+            max_adapters=self.max_adapters,
         )
 
     @property

@@ -105,12 +105,22 @@ class Queued(_Event):
     """Why it is queued again (its worker stopped, its message was lost), for its user."""
 
 
+class AdapterUse(WireModel):
+    """One adapter a job renders with: its name, the version serving it, and its scale."""
+
+    name: str
+    version: str
+    scale: float
+
+
 class Started(_Event):
     type: Literal[EventType.STARTED] = EventType.STARTED
     worker: str
     attempt: int
     adapter: str | None
-    """The adapter it renders with; None for the base model."""
+    """The (first) adapter it renders with; None for the base model."""
+    adapters: list[AdapterUse] = []
+    """Every adapter it renders with (several when the job blends them)."""
     seeds: list[int]
     warnings: list[str] = []
 
@@ -182,7 +192,10 @@ class ResultMeta(WireModel):
     safety_checker: bool
     seeds: list[int]
     adapter: str | None
+    """The first adapter it rendered with (the one, unless it blended several); None for the base model."""
     adapter_version: str | None
+    adapters: list[AdapterUse] = []
+    """Every adapter it rendered with, each with its version and scale."""
     base_model: str
     images: list[ImageInfo]
     worker: str

@@ -64,6 +64,7 @@ def discord_env(redis_server, model_cache, tmp_path_factory, adapter_weights):
     logs = tmp_path_factory.mktemp("bot-logs")
     lora_dir = tmp_path_factory.mktemp("bot-loradir")
     write_adapter(lora_dir / "flickr30k", "peft", adapter_weights["v1"])
+    write_adapter(lora_dir / "style", "diffusers", adapter_weights["v2"])
     settings = service_settings(redis_server.url, f"b{uuid.uuid4().hex[:8]}", max_queue_length=4)
     worker = WorkerProcess(
         settings,
@@ -301,6 +302,10 @@ def test_admin_reload_reaches_the_worker_and_others_are_refused(discord_env):
         ({"adapter": "../../etc"}, "adapter must be a name of letters"),
         ({"scheduler": "magic"}, "scheduler must be one of"),
         ({"adapter_scale": 5.0}, "adapter_scale must be a number from 0.0 to 2.0"),
+        ({"loras": "flickr30k:lots"}, "adapters: the scale after ':' in 'flickr30k:lots' must be a number"),
+        ({"loras": "flickr30k, style:0.5, flickr30k:0.2"}, "adapters: flickr30k is listed twice"),
+        ({"loras": "flickr30k:3"}, "adapters: the scale of flickr30k must be a number from 0.0 to 2.0"),
+        ({"loras": "flickr30k", "adapter": "none"}, "give either adapters"),
     ],
 )
 def test_each_bad_option_gets_an_ephemeral_message(discord_env, options, message):
@@ -364,6 +369,22 @@ def test_adapter_autocomplete_lists_the_workers_adapters(discord_env):
     (callback,) = fake.wait_for(lambda: interaction.callbacks, what="the autocomplete answer")
     assert callback["type"] == 8
     assert [choice["value"] for choice in callback["data"]["choices"]] == ["flickr30k"]
+
+
+def test_loras_blend_several_adapters_completed_as_typed(discord_env):
+    settings, fake, _, worker = discord_env
+    typed = {"prompt": "x", "loras": "flickr30k:0.6, st"}
+    completing = fake.interaction(fake.send_autocomplete(ALICE, "imagine", typed, focused="loras"))
+    (callback,) = fake.wait_for(lambda: completing.callbacks, what="the autocomplete answer")
+    assert [choice["value"] for choice in callback["data"]["choices"]] == ["flickr30k:0.6, style:1.0"]
+
+    interaction_id = fake.send_slash_command(
+        ALICE, "imagine", {"prompt": PROMPT, "loras": "flickr30k:0.6, style:0.3", **SMALL}
+    )
+    fields = {field["name"]: field["value"] for field in final_message(fake, interaction_id)["embeds"][0]["fields"]}
+    loaded = ImagineClient(settings).queue_stats().workers[worker.name].adapters
+    versions = {name: loaded[name].version for name in ("flickr30k", "style")}
+    assert fields["Adapters"] == f"flickr30k ({versions['flickr30k']}) × 0.6, style ({versions['style']}) × 0.3"
 
 
 def test_bot_imports_no_torch():

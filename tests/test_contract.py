@@ -25,6 +25,23 @@ def test_defaults_and_drawn_seed():
 def test_revalidating_parsed_options_keeps_them():
     options = parse_job_options({"prompt": "x", "seed": 5, "adapter": "none"}, LIMITS)
     assert parse_job_options(options.model_dump(), LIMITS) == options
+    blended = parse_job_options({"prompt": "x", "adapters": [{"name": "a", "scale": 0.8}, {"name": "b"}]}, LIMITS)
+    assert parse_job_options(blended.model_dump(), LIMITS) == blended
+
+
+def test_the_adapters_a_job_asks_for():
+    def blend(**options):
+        return parse_job_options({"prompt": "x", **options}, LIMITS).blend
+
+    assert blend() is None  # the worker's default adapter
+    assert blend(adapter="none") == []
+    assert blend(adapter="style", adapter_scale=0.5) == [("style", 0.5)]
+    assert blend(adapters=[{"name": "a", "scale": 0.8}, {"name": "b"}]) == [("a", 0.8), ("b", 1.0)]
+    assert Limits(max_adapters=1) and parse_job_options(
+        {"prompt": "x", "adapters": [{"name": "a"}]}, Limits(max_adapters=1)
+    ).blend == [("a", 1.0)]
+    with pytest.raises(JobRejected, match="at most 1 in one job"):
+        parse_job_options({"prompt": "x", "adapters": [{"name": "a"}, {"name": "b"}]}, Limits(max_adapters=1))
 
 
 @pytest.mark.parametrize(
@@ -49,6 +66,18 @@ def test_revalidating_parsed_options_keeps_them():
         ({"scheduler": "magic"}, "scheduler", "scheduler must be one of default, pndm, ddim"),
         ({"safety_checker": "maybe"}, "safety_checker", "safety_checker"),
         ({"steps": 20}, "steps", "unknown option 'steps'"),
+        # Several adapters
+        ({"adapters": []}, "adapters", "at least one adapter; for the base model alone give adapter 'none'"),
+        ({"adapters": [{"name": "none"}]}, "adapters", "give adapter 'none' instead"),
+        ({"adapters": [{"name": "a/b"}]}, "adapters", "no path"),
+        ({"adapters": [{"name": "a"}, {"name": "b"}, {"name": "a"}]}, "adapters", "a is listed twice"),
+        ({"adapters": [{"name": f"a{n}"} for n in range(5)]}, "adapters", "at most 4 in one job (got 5)"),
+        ({"adapters": [{"name": "a", "scale": 2.5}]}, "adapters", "the scale of a must be a number from 0.0 to 2.0"),
+        ({"adapters": [{"name": "a", "scale": "high"}]}, "adapters", "adapters.0.scale: "),
+        ({"adapters": [{"name": "a", "weight": 1}]}, "adapters", "adapters.0.weight: "),
+        ({"adapters": "a,b"}, "adapters", "adapters: "),
+        ({"adapters": [{"name": "a"}], "adapter": "b"}, "adapters", "either adapters"),
+        ({"adapters": [{"name": "a"}], "adapter_scale": 0.5}, "adapters", "either adapters"),
     ],
 )
 def test_bad_option_is_refused_with_its_range(changes, option, message):

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
 from imagine.client import ImagineClient, QueueFull
 from imagine.contract import JobRejected
@@ -199,6 +200,43 @@ def test_imagine_cli_writes_pngs_and_metadata(shared_service, tmp_path):
         settings, "imagine", "a dog", "--steps", "2", *small, "--adapter", "ghost", "--out", str(tmp_path / "f")
     )
     assert failed.returncode == 1 and "job failed: adapter 'ghost' is not loaded" in failed.stderr
+
+
+def test_the_cli_blends_several_adapters_and_the_result_lists_each(shared_service, tmp_path):
+    settings, worker, _ = shared_service
+    small = ["--steps", "3", "--width", "64", "--height", "64", "--seed", "7"]
+    blended = run_cli(
+        settings,
+        "imagine",
+        "a dog",
+        *small,
+        "--adapter",
+        "flickr30k:0.7",
+        "--adapter",
+        "flickr30k-kohya:0.4",
+        "--out",
+        str(tmp_path),
+    )
+    assert blended.returncode == 0, blended.stderr
+    loaded = ImagineClient(settings).queue_stats().workers[worker.name].adapters
+    expected = [
+        {"name": "flickr30k", "version": loaded["flickr30k"].version, "scale": 0.7},
+        {"name": "flickr30k-kohya", "version": loaded["flickr30k-kohya"].version, "scale": 0.4},
+    ]
+    (meta_path,) = tmp_path.glob("*.json")
+    assert json.loads(meta_path.read_text())["adapters"] == expected
+    (png,) = tmp_path.glob("*.png")
+    with Image.open(png) as image:
+        assert json.loads(image.text["adapters"]) == expected
+    alone = run_cli(settings, "imagine", "a dog", *small, "--adapter", "flickr30k:0.7", "--out", str(tmp_path / "1"))
+    assert alone.returncode == 0, alone.stderr
+    assert pixels(next((tmp_path / "1").glob("*.png")).read_bytes()) != pixels(png.read_bytes())
+
+    bad_scale = run_cli(settings, "imagine", "a dog", "--adapter", "flickr30k:lots")
+    assert bad_scale.returncode == 2
+    assert "refused: adapters: the scale after ':' in 'flickr30k:lots' must be a number" in bad_scale.stderr
+    twice = run_cli(settings, "imagine", "a dog", "--adapter", "flickr30k:0.5", "--adapter", "flickr30k")
+    assert twice.returncode == 2 and "refused: adapters: flickr30k is listed twice" in twice.stderr
 
 
 def test_imagine_admin_queue_and_adapters_read_the_live_service(shared_service):

@@ -337,6 +337,7 @@ class JobRunner:
                 worker=self.worker_name,
                 attempt=attempt.number,
                 adapter=prepared.plan.adapter,
+                adapters=prepared.plan.adapters,
                 seeds=prepared.options.seeds,
                 warnings=prepared.plan.warnings,
             )
@@ -495,10 +496,11 @@ class JobRunner:
         queue_wait_s = round(record.started_at - record.submitted_at, 3)
         meta = ResultMeta(
             job_id=attempt.job_id,
-            **options.model_dump(exclude={"seed", "adapter", "scheduler"}),
+            **options.model_dump(exclude={"seed", "adapter", "adapters", "scheduler"}),
             seeds=output.seeds,
             adapter=plan.adapter,
             adapter_version=plan.adapter_version,
+            adapters=plan.adapters,
             scheduler=output.scheduler,
             base_model=self.settings.base_model,
             images=[

@@ -12,6 +12,7 @@ kernels depend on the batch size (on a CPU, a pixel value in a few tens of thous
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from imagine.contract import NO_ADAPTER, JobOptions, JobRejected
+from imagine.wire import AdapterUse
 from worker.adapters import Activation, AdapterError, AdapterRegistry
 
 logger = logging.getLogger(__name__)
@@ -51,10 +53,19 @@ class BatchKey:
 class RenderPlan:
     """What a job will render with, settled before it starts: known problems refuse it here."""
 
-    adapter: str | None
-    adapter_version: str | None
+    adapters: list[AdapterUse]
+    """What it blends, in the job's order (empty: the base model alone)."""
     warnings: list[str]
     batch_key: BatchKey
+
+    @property
+    def adapter(self) -> str | None:
+        """The first adapter (the one, unless the job blends several)."""
+        return self.adapters[0].name if self.adapters else None
+
+    @property
+    def adapter_version(self) -> str | None:
+        return self.adapters[0].version if self.adapters else None
 
 
 @dataclass(frozen=True)
@@ -191,35 +202,38 @@ class Renderer:
             raise JobRejected(
                 "safety_checker: this service does not allow turning the safety checker off", "safety_checker"
             )
-        adapter = self._resolve_adapter(options)
-        loaded = self.adapters.loaded.get(adapter) if adapter else None
-        if adapter is not None and loaded is None:
+        blend = self._resolve_adapters(options)
+        loaded = self.adapters.loaded
+        missing = [name for name, _ in blend if name not in loaded]
+        if missing:
             raise AdapterError(
-                f"adapter {adapter!r} is not loaded on this worker; available: "
-                f"{', '.join(self.adapters.loaded) or 'none'}"
+                f"adapter {', '.join(map(repr, missing))} {'is' if len(missing) == 1 else 'are'} not loaded on "
+                f"this worker; available: {', '.join(loaded) or 'none'}"
             )
+        uses = [AdapterUse(name=name, version=loaded[name].version, scale=scale) for name, scale in blend]
         key = BatchKey(
             width=options.width,
             height=options.height,
             num_inference_steps=options.num_inference_steps,
             guidance_scale=options.guidance_scale,
             scheduler=options.scheduler,
-            adapters=((adapter, options.adapter_scale),) if adapter else (),
+            adapters=tuple(blend),
             safety_checker=options.safety_checker and self.safety_checker is not None,
         )
-        return RenderPlan(adapter, loaded.version if loaded else None, self.prompt_warnings(options), key)
+        return RenderPlan(uses, self.prompt_warnings(options), key)
 
-    def _resolve_adapter(self, options: JobOptions) -> str | None:
-        if options.adapter == NO_ADAPTER:
-            return None
-        if options.adapter is not None:
-            return options.adapter
-        if self.default_adapter is not None and self.default_adapter not in self.adapters.loaded:
+    def _resolve_adapters(self, options: JobOptions) -> list[tuple[str, float]]:
+        """The job's adapters and scales: what it asks for, else the default adapter at `adapter_scale`."""
+        if options.blend is not None:
+            return options.blend
+        if self.default_adapter is None:
+            return []
+        if self.default_adapter not in self.adapters.loaded:
             raise AdapterError(
                 f"the default adapter {self.default_adapter!r} is not loaded on this worker (put it in LORA_DIR and "
                 f"reload, or set DEFAULT_ADAPTER empty for the base model); ask for adapter '{NO_ADAPTER}' meanwhile"
             )
-        return self.default_adapter
+        return [(self.default_adapter, options.adapter_scale)]
 
     def prompt_warnings(self, options: JobOptions) -> list[str]:
         warnings = []
@@ -290,7 +304,11 @@ class Renderer:
         outputs = []
         for entry in batch.entries:
             seeds, rows = entry.options.seeds, range(*entry.rows.indices(len(pixels)))
-            png_text = {"prompt": entry.options.prompt, "adapter": entry.plan.adapter or NO_ADAPTER}
+            png_text = {
+                "prompt": entry.options.prompt,
+                "adapter": entry.plan.adapter or NO_ADAPTER,
+                "adapters": json.dumps([use.model_dump() for use in entry.plan.adapters]),
+            }
             images = [
                 None if flagged[row] else encode_png(_to_image(pixels[row]), {**png_text, "seed": str(seed)})
                 for row, seed in zip(rows, seeds, strict=True)
