@@ -71,5 +71,5 @@ def test_an_adapter_the_worker_has_not_loaded_is_refused_by_name(renderer):
     options = parse_job_options(
         {**JOB, "adapters": [{"name": "first"}, {"name": "missing"}, {"name": "gone"}]}, LIMITS
     )
-    with pytest.raises(AdapterError, match=r"adapter 'missing', 'gone' are not loaded on this worker; available: "):
+    with pytest.raises(AdapterError, match=r"adapters 'missing', 'gone' are not loaded on this worker; available: "):
         renderer.plan(options)

@@ -207,8 +207,9 @@ class Renderer:
         missing = [name for name, _ in blend if name not in loaded]
         if missing:
             raise AdapterError(
-                f"adapter {', '.join(map(repr, missing))} {'is' if len(missing) == 1 else 'are'} not loaded on "
-                f"this worker; available: {', '.join(loaded) or 'none'}"
+                f"{'adapter' if len(missing) == 1 else 'adapters'} {', '.join(map(repr, missing))} "
+                f"{'is' if len(missing) == 1 else 'are'} not loaded on this worker; "
+                f"available: {', '.join(loaded) or 'none'}"
             )
         uses = [AdapterUse(name=name, version=loaded[name].version, scale=scale) for name, scale in blend]
         key = BatchKey(
