@@ -4,7 +4,7 @@
 # few minutes, with Python and torch but no internet and none of our other dependencies: those travel
 # beside it as wheels in .whl/ (bench/wheels.sh downloads them here). From the repository root:
 #
-#   bench/wheels.sh && bench/gpu.sh [OUT_DIR]    # wheels here; the run on the GPU machine: at most 8 minutes
+#   bench/wheels.sh && bench/gpu.sh [OUT_DIR]    # wheels here; on the GPU: its limits sum to 7.8 min
 #   PROFILE=cpu PY_VERSION=3.11 ...              # the same run at CPU sizes, to prove the script here
 #
 # Each benchmark has its own time limit, so one that hangs or fails costs only its own figures: the JSON
