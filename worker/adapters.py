@@ -401,14 +401,16 @@ class AdapterRegistry:
         self.unfuse()  # the merged weights are the old version's, and peft refuses to swap a merged adapter
         if self._copied(current, weights):
             return True
-        kept = {key: tensor.detach().clone() for key, tensor in self._lora_tensors(current.internal_name).items()}
+        kept = {
+            key: tensor.detach().clone() for key, tensor in _lora_matrices(self.pipe, current.internal_name).items()
+        }
         try:
             self.pipe.load_lora_weights(weights.state_dict, adapter_name=current.internal_name, hotswap=True)
         except Exception as error:  # another rank or other modules: loaded beside it instead
             logger.info(
                 "adapter %s: not swapped in place (%s); loading it beside the old version", current.name, error
             )
-            tensors = self._lora_tensors(current.internal_name)
+            tensors = _lora_matrices(self.pipe, current.internal_name)
             for key, tensor in kept.items():
                 if tensors[key].shape == tensor.shape:
                     tensors[key].data.copy_(tensor)
@@ -439,14 +441,6 @@ class AdapterRegistry:
             for key, tensor in state.items():
                 matrices[key].copy_(tensor)
         return True
-
-    def _lora_tensors(self, internal_name: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{model_name}.{key}": tensor
-            for model_name, model in (("unet", self.pipe.unet), ("text_encoder", self.pipe.text_encoder))
-            for key, tensor in model.state_dict(keep_vars=True).items()
-            if ".lora_" in key and f".{internal_name}." in key
-        }
 
     def _load_beside(self, name: str, weights: AdapterWeights) -> tuple[str, int]:
         self._serial += 1
