@@ -31,6 +31,12 @@ class Action(StrEnum):
     """The same options, a new seed, as a job of whoever clicks."""
     VARY = "vary"
     """The same options and the seeds right after one image's."""
+    UPSCALE = "upscale"
+    """One image at twice its size: img2img of it enlarged, at low strength (a "hires fix")."""
+    VARY_SUBTLE = "subtle"
+    """img2img of one image at a low strength, with new seeds."""
+    VARY_STRONG = "strong"
+    """img2img of one image at a high strength, with new seeds."""
     DELETE = "delete"
     """Delete the result's message (its requester or an admin)."""
 
@@ -39,6 +45,9 @@ _LOOKS = {
     Action.CANCEL: {"label": "Cancel", "style": discord.ButtonStyle.secondary},
     Action.REROLL: {"label": "Reroll", "emoji": "🎲", "style": discord.ButtonStyle.primary},
     Action.VARY: {"style": discord.ButtonStyle.secondary},
+    Action.UPSCALE: {"emoji": "🔍", "style": discord.ButtonStyle.secondary},
+    Action.VARY_SUBTLE: {"style": discord.ButtonStyle.secondary},
+    Action.VARY_STRONG: {"style": discord.ButtonStyle.secondary},
     Action.DELETE: {"label": "Delete", "emoji": "🗑️", "style": discord.ButtonStyle.danger},
 }
 
@@ -47,12 +56,20 @@ class JobButton(
     discord.ui.DynamicItem[discord.ui.Button],
     template=rf"imagine:(?P<action>{'|'.join(Action)}):(?P<owner>\d+):(?P<job>[0-9a-f]{{32}})(?::(?P<index>\d))?",
 ):
-    def __init__(self, action: Action, owner_id: int, job_id: str, index: int | None = None) -> None:
+    def __init__(
+        self, action: Action, owner_id: int, job_id: str, index: int | None = None, row: int | None = None
+    ) -> None:
         self.action, self.owner_id, self.job_id, self.index = Action(action), owner_id, job_id, index
         looks = dict(_LOOKS[self.action])
-        if self.action is Action.VARY:
-            looks["label"] = f"Variations of {index + 1}"
-        super().__init__(discord.ui.Button(custom_id=self.custom_id_of(action, owner_id, job_id, index), **looks))
+        if index is not None:
+            looks["label"] = {
+                Action.VARY: f"Variations of {index + 1}",
+                Action.UPSCALE: f"Upscale {index + 1}",
+                Action.VARY_SUBTLE: f"Vary {index + 1} (subtle)",
+                Action.VARY_STRONG: f"Vary {index + 1} (strong)",
+            }[self.action]
+        button = discord.ui.Button(custom_id=self.custom_id_of(action, owner_id, job_id, index), row=row, **looks)
+        super().__init__(button)
 
     @staticmethod
     def custom_id_of(action: Action, owner_id: int, job_id: str, index: int | None = None) -> str:
@@ -84,12 +101,16 @@ def progress_view(job_id: str, owner_id: int) -> discord.ui.View:
     return view
 
 
+IMAGE_ACTIONS = (Action.UPSCALE, Action.VARY_SUBTLE, Action.VARY_STRONG, Action.VARY)
+"""The buttons of each image, on a row of its own (at most 4 images: 5 rows, Discord's limit)."""
+
+
 def result_view(result: JobResult, owner_id: int) -> discord.ui.View:
     job_id = result.meta.job_id
     view = discord.ui.View(timeout=None)
-    view.add_item(JobButton(Action.REROLL, owner_id, job_id))
-    for image in result.meta.images:
-        if not image.withheld:
-            view.add_item(JobButton(Action.VARY, owner_id, job_id, image.index))
-    view.add_item(JobButton(Action.DELETE, owner_id, job_id))
+    view.add_item(JobButton(Action.REROLL, owner_id, job_id, row=0))
+    view.add_item(JobButton(Action.DELETE, owner_id, job_id, row=0))
+    for row, image in enumerate((image for image in result.meta.images if not image.withheld), start=1):
+        for action in IMAGE_ACTIONS:
+            view.add_item(JobButton(action, owner_id, job_id, image.index, row=row))
     return view

@@ -45,6 +45,16 @@ def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
         f"(at most {settings.max_adapters}). Default: the workers' DEFAULT_ADAPTER; '{NO_ADAPTER}': the base model.",
     )
     parser.add_argument("--adapter-scale", type=float, help=f"Adapter strength, {span('adapter_scale')}.")
+    parser.add_argument(
+        "--init-image",
+        type=Path,
+        metavar="PATH",
+        help="Start from this image (PNG, JPEG or WebP; img2img). Without --width and --height it renders "
+        "at the image's aspect ratio, at about 512² pixels.",
+    )
+    parser.add_argument(
+        "--strength", type=float, help=f"How far to move from --init-image: {span('strength')} (0 keeps it)."
+    )
     parser.add_argument("--scheduler", choices=SCHEDULERS, help=f"Sampler, default {default('scheduler')}.")
     parser.add_argument("--out", type=Path, default=Path("out"), help="Folder for the PNGs and the metadata JSON.")
     return parser
@@ -72,6 +82,13 @@ def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
     given = {name: value for name, value in vars(args).items() if name != "out" and value is not None}
     options = {OPTION_NAMES.get(name, name): value for name, value in given.items()}
     chosen = options.pop("adapter", [])
+    if "init_image" in options:
+        path = options.pop("init_image")
+        try:
+            options["image"] = path.read_bytes()
+        except OSError as error:
+            print(f"imagine: refused: cannot read --init-image {path}: {error.strerror}", file=sys.stderr)
+            return EXIT_REFUSED
     client = ImagineClient(settings, client_name="cli")
     try:
         if len(chosen) == 1 and ":" not in chosen[0]:

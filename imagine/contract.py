@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from imagine.images import ImageRejected, decode_image, encode_image, render_size
+
 SCHEDULERS = ("default", "pndm", "ddim", "euler", "euler_ancestral", "dpmpp_2m")
 """Scheduler names a job may ask for; `default` is the one the model folder ships."""
 
@@ -26,6 +28,7 @@ MAX_PROMPT_CHARS = 2000
 HARD_MAX_IMAGES = 4
 GUIDANCE_RANGE = (0.0, 30.0)
 ADAPTER_SCALE_RANGE = (0.0, 2.0)
+STRENGTH_RANGE = (0.0, 1.0)
 
 
 class JobRejected(ValueError):
@@ -46,6 +49,10 @@ class Limits:
     max_pixels: int = 1024 * 1024
     min_side: int = 64
     max_adapters: int = 4
+    max_image_bytes: int = 10 * 2**20
+    """The largest file a job may start from (Discord's default attachment limit)."""
+    max_image_pixels: int = 4096 * 4096
+    """The largest image a job may start from, in pixels (it is resized to the render size)."""
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """The allowed range of each numeric option, as shown in error messages and help texts."""
@@ -57,6 +64,7 @@ class Limits:
             "seed": (0, MAX_SEED),
             "num_images_per_prompt": (1, min(self.max_images, HARD_MAX_IMAGES)),
             "adapter_scale": ADAPTER_SCALE_RANGE,
+            "strength": STRENGTH_RANGE,
         }
 
 
@@ -97,6 +105,11 @@ class JobOptions(BaseModel):
     adapter_scale: float = 1.0
     adapters: list[AdapterChoice] | None = None
     """Several adapters blended in one render, each at its scale; instead of `adapter` and `adapter_scale`."""
+    image: str | None = None
+    """An image to start from (img2img): the base64 of a PNG, JPEG or WebP file. Without width and height,
+    it renders at its own aspect ratio, at about 512² pixels."""
+    strength: float = 0.6
+    """How far img2img moves from `image`: 0 keeps it, 1 ignores it."""
     scheduler: str = "default"
     safety_checker: bool = True
     """False asks for no safety check; the worker honours it only where its operator allows it."""
@@ -168,9 +181,11 @@ def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobO
 
     Raises JobRejected with a message that names the first bad option and its allowed range.
     """
-    raw = data.model_dump() if isinstance(data, JobOptions) else data
+    raw = data.model_dump(exclude_unset=True) if isinstance(data, JobOptions) else data
     if not isinstance(raw, dict):
         raise JobRejected(f"job options must be an object of option names to values (got {type(raw).__name__})")
+    if isinstance(raw.get("image"), bytes | bytearray):  # the Python client's callers may give the file itself
+        raw = {**raw, "image": encode_image(bytes(raw["image"]))}
     ranges = limits.ranges()
     try:
         options = JobOptions.model_validate(raw)
@@ -201,6 +216,12 @@ def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobO
             raise JobRejected(_range_message(option, low, high, value), option)
     if options.adapters is not None:
         _check_adapters(options, limits)
+    if options.image is not None:
+        options = _fit_to_image(options, limits)
+    elif options.strength != default("strength"):
+        raise JobRejected(
+            "strength applies to an image to start from: give image too, or leave strength out", "strength"
+        )
     for side in ("width", "height"):
         if getattr(options, side) % 8:
             raise JobRejected(f"{side} must be a multiple of 8 (got {getattr(options, side)})", side)
@@ -219,6 +240,31 @@ def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobO
             "seed",
         )
     return options
+
+
+def _fit_to_image(options: JobOptions, limits: Limits) -> JobOptions:
+    """The job with the size it renders its image at, once the image decodes within the limits."""
+    try:
+        image = decode_image(options.image, limits.max_image_bytes, limits.max_image_pixels)
+        given = options.model_fields_set
+        width, height = render_size(
+            image.size,
+            options.width if "width" in given else None,
+            options.height if "height" in given else None,
+            limits.min_side,
+            limits.max_side,
+            limits.max_pixels,
+        )
+    except ImageRejected as error:
+        raise JobRejected(str(error), "image") from None
+    steps = int(options.num_inference_steps * options.strength)
+    if steps < 1:
+        raise JobRejected(
+            f"strength × num_inference_steps must be at least 1, or no step runs "
+            f"(got {options.strength} × {options.num_inference_steps}): raise either",
+            "strength",
+        )
+    return options.model_copy(update={"width": width, "height": height})
 
 
 def _check_adapters(options: JobOptions, limits: Limits) -> None:

@@ -24,6 +24,12 @@ class ServiceSettings(BaseSettings):
     max_side: int = Field(1024, ge=64, description="Largest width or height, in pixels.")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width × height of one image.")
     max_adapters: int = Field(4, ge=1, description="Most adapters one job may blend.")
+    max_image_bytes: int = Field(
+        10 * 2**20, ge=1024, description="Largest image file a job may start from (img2img), in bytes."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Largest image a job may start from, in pixels (before resizing)."
+    )
     max_queue_length: int = Field(100, ge=1, description="Jobs waiting at once; more are refused as 'queue full'.")
 
     job_time_limit_s: float = Field(600, gt=0, description="A job still rendering after this long is failed.")
@@ -46,6 +52,8 @@ class ServiceSettings(BaseSettings):
             max_side=self.max_side,
             max_pixels=self.max_pixels,
             max_adapters=self.max_adapters,
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
         )
 
     @property

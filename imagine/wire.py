@@ -196,6 +196,10 @@ class ResultMeta(WireModel):
     adapter_version: str | None
     adapters: list[AdapterUse] = []
     """Every adapter it rendered with, each with its version and scale."""
+    init_image: str | None = None
+    """img2img: the digest of the image it started from (`imagine.images.image_digest`); absent otherwise."""
+    strength: float | None = None
+    """img2img: how far it moved from that image."""
     base_model: str
     images: list[ImageInfo]
     worker: str

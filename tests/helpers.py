@@ -250,6 +250,20 @@ def pixels(data: bytes) -> bytes:
         return image.convert("RGB").tobytes()
 
 
+def photo(width: int, height: int, format: str = "PNG", **save_options) -> bytes:
+    """A picture with structure in it (gradients and a disc), as a file of `format`, to start img2img from."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], axis=-1)
+    image = Image.fromarray(rgb.astype(np.uint8))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(240, 240, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_options)
+    return buffer.getvalue()
+
+
 def nearly_the_same(first: bytes, second: bytes, max_share: float = 0.05) -> bool:
     """Two PNGs are the same image but for rounding: no value more than one level off, and few off at all.
     A batched render, or an adapter fused into the weights, is not bit-identical to the same render alone

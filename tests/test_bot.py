@@ -13,7 +13,16 @@ import pytest
 
 from imagine.client import ImagineClient
 from tests.fake_discord import FakeDiscord, FakeRole, FakeUser
-from tests.helpers import RedisServer, ServiceProcess, pixels, service_settings, wait_for, write_adapter
+from tests.helpers import (
+    RedisServer,
+    ServiceProcess,
+    photo,
+    pixels,
+    png_size,
+    service_settings,
+    wait_for,
+    write_adapter,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -138,13 +147,14 @@ def wait_idle(settings, job_id: str) -> None:
     wait_for(lambda: client.job(job_id).state in ("done", "cancelled", "failed"), 60, "the busy job to end")
 
 
+IMAGE_BUTTONS = [("Upscale", ""), ("Vary", " (subtle)"), ("Vary", " (strong)"), ("Variations of", "")]
 PROMPT = "a dog on a beach, *not* <@&123456789012345678> @everyone"
 
 
 def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
     settings, fake, bot, worker = discord_env
     interaction_id = fake.send_slash_command(
-        ALICE, "imagine", {"prompt": PROMPT, "count": 2, "size": "square", **SMALL}
+        ALICE, "imagine", {"prompt": PROMPT, "count": 2, "aspect": "1:1", **SMALL}
     )
     interaction = fake.interaction(interaction_id)
     fake.wait_for(lambda: interaction.callbacks, what="the answer")
@@ -164,7 +174,10 @@ def test_imagine_shows_progress_then_the_images_with_their_seeds(discord_env):
     assert embed["description"] == "a dog on a beach, \\*not\\* <@\u200b&123456789012345678> @\u200beveryone"
     assert message["mention_everyone"] is False and message["mention_roles"] == []
     labels = [component["label"] for row in message["components"] for component in row["components"]]
-    assert labels == ["Reroll", "Variations of 1", "Variations of 2", "Delete"]
+    assert labels == ["Reroll", "Delete"] + [
+        f"{action} {i}{how}" for i in (1, 2) for action, how in IMAGE_BUTTONS
+    ]  # fmt: skip
+    assert [len(row["components"]) for row in message["components"]] == [2, 4, 4]  # a row per image
     # The bot's log follows the job by its id, as the worker's does.
     job_id = job_of(message)
 
@@ -205,6 +218,27 @@ def test_reroll_and_delete_buttons_and_a_strangers_click(discord_env):
     assert ephemeral_reply(fake, deleted) == "Deleted."
     assert fake.interaction(deleted).user == ALICE
     assert fake.wait_for(lambda: fake.is_deleted(first), what="the message to be deleted")
+
+
+def test_an_attached_image_then_upscale_and_vary_buttons(discord_env):
+    _, fake, _, _ = discord_env
+    options = {"prompt": "a dog", "image": ("dog.png", photo(64, 64)), "strength": 0.5, **SMALL}
+    first = final_message(fake, fake.send_slash_command(ALICE, "imagine", options))
+    fields = {f["name"]: f["value"] for f in first["embeds"][0]["fields"]}
+    assert fields["Size"] == "512×512" and "at strength 0.5" in fields["Started from"]  # at about 512² pixels
+    custom_ids = {c["label"]: c["custom_id"] for row in first["components"] for c in row["components"]}
+
+    upscaled = final_message(fake, fake.click_button(BOB, first, custom_ids["Upscale 1"]))
+    (png,) = upscaled["attachments_bytes"]
+    assert png_size(png) == (1024, 1024)  # twice the size
+    up_fields = {f["name"]: f["value"] for f in upscaled["embeds"][0]["fields"]}
+    assert up_fields["Seeds"] == "`7`" and "at strength 0.3" in up_fields["Started from"]
+
+    varied = final_message(fake, fake.click_button(ALICE, first, custom_ids["Vary 1 (strong)"]))
+    vary_fields = {f["name"]: f["value"] for f in varied["embeds"][0]["fields"]}
+    assert vary_fields["Seeds"] != "`7`" and vary_fields["Size"] == "512×512"
+    assert "at strength 0.7" in vary_fields["Started from"]
+    assert pixels(varied["attachments_bytes"][0]) != pixels(first["attachments_bytes"][0])
 
 
 def test_cancel_while_queued_and_a_strangers_cancel(discord_env):
@@ -298,7 +332,11 @@ def test_admin_reload_reaches_the_worker_and_others_are_refused(discord_env):
         ({"guidance": 99.0}, "guidance_scale must be a number from 0.0 to 30.0"),
         ({"count": 9}, "num_images_per_prompt must be an integer from 1 to 4 (got 9)"),
         ({"seed": -5}, "seed must be an integer from 0 to 4294967295"),
-        ({"size": "poster"}, "size must be one of square, portrait, landscape"),
+        ({"aspect": "21:9"}, "aspect must be one of 1:1, 4:3, 3:4, 3:2, 2:3, 16:9, 9:16 (got '21:9')"),
+        ({"image": ("notes.txt", b"not a picture")}, "image is not a PNG, JPEG or WebP file"),
+        ({"image": ("strip.png", photo(1000, 10))}, "image is 1000×10: kept in shape, it would render at 5120×48"),
+        ({"image": ("a.png", photo(64, 64)), "strength": 1.5}, "strength must be a number from 0.0 to 1.0"),
+        ({"strength": 0.5}, "strength applies to an image to start from"),
         ({"adapter": "../../etc"}, "adapter must be a name of letters"),
         ({"scheduler": "magic"}, "scheduler must be one of"),
         ({"adapter_scale": 5.0}, "adapter_scale must be a number from 0.0 to 2.0"),

@@ -1,15 +1,20 @@
 """What users of other Stable Diffusion bots expect, checked against diffusers' own way of doing it on the
-tiny model: several adapters blended in one image."""
+tiny model: several adapters blended in one image, img2img from an image a user gives."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from imagine.contract import Limits, parse_job_options
-from tests.helpers import pixels, write_adapter
+from imagine.contract import JobRejected, Limits, parse_job_options
+from imagine.images import encode_image
+from tests.helpers import photo, pixels, write_adapter
 from worker.adapters import AdapterError, AdapterRegistry
-from worker.pipeline import choose_placement, load_pipeline
+from worker.pipeline import choose_placement, load_pipeline, resolve_base_model
 from worker.renderer import Renderer
 
 LIMITS = Limits()
@@ -73,3 +78,154 @@ def test_an_adapter_the_worker_has_not_loaded_is_refused_by_name(renderer):
     )
     with pytest.raises(AdapterError, match=r"adapters 'missing', 'gone' are not loaded on this worker; available: "):
         renderer.plan(options)
+
+
+# img2img ------------------------------------------------------------------------------------------
+
+
+def test_img2img_equals_diffusers_img2img_and_a_higher_strength_moves_further(renderer, model_cache):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    start = photo(64, 64)
+    ours = {strength: render(renderer, image=start, strength=strength, adapter="none") for strength in (0.4, 0.9)}
+
+    theirs = StableDiffusionImg2ImgPipeline.from_pretrained(
+        resolve_base_model("tiny", model_cache), safety_checker=None, requires_safety_checker=False
+    )
+    reference = theirs(
+        "a dog",
+        image=Image.open(io.BytesIO(start)),
+        strength=0.4,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(3),
+    ).images[0]
+    assert pixels(ours[0.4].images[0]) == reference.convert("RGB").tobytes()
+
+    def distance(png: bytes) -> float:
+        return float(
+            np.abs(
+                np.asarray(Image.open(io.BytesIO(png)), float) - np.asarray(Image.open(io.BytesIO(start)), float)
+            ).mean()
+        )
+
+    assert distance(start) == 0 < distance(ours[0.4].images[0]) < distance(ours[0.9].images[0])
+
+
+def test_an_image_renders_at_its_own_aspect_ratio_unless_a_size_is_given():
+    wide = parse_job_options({"prompt": "a dog", "image": photo(300, 200)}, LIMITS)
+    assert (wide.width, wide.height) == (624, 416)  # 3:2 at about 512² pixels, in multiples of 8
+    assert wide.image == encode_image(photo(300, 200))  # the file travels as it was given
+    given = parse_job_options({"prompt": "a dog", "image": photo(300, 200), "width": 256, "height": 256}, LIMITS)
+    assert (given.width, given.height) == (256, 256)
+    one_side = parse_job_options({"prompt": "a dog", "image": photo(300, 200), "width": 480}, LIMITS)
+    assert (one_side.width, one_side.height) == (480, 320)
+    # The worker parses the stored options again, and gets the same size.
+    again = parse_job_options(wide.model_dump(), LIMITS)
+    assert (again.width, again.height) == (624, 416)
+
+
+def test_jobs_batch_together_only_with_the_same_image_and_strength(renderer):
+    def key(**options):
+        return renderer.plan(parse_job_options({**JOB, **options}, LIMITS)).batch_key
+
+    first, second = photo(64, 64), photo(64, 64, "JPEG")
+    assert key(image=first) == key(image=first, prompt="a cat")
+    assert len({key(), key(image=first), key(image=second), key(image=first, strength=0.8)}) == 4
+
+
+def _animated_webp() -> bytes:
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    return buffer.getvalue()
+
+
+def _turned_jpeg() -> bytes:
+    """64×32 pixels stored, whose EXIF orientation (6: turn 90° clockwise) makes a 32×64 picture."""
+    image = Image.new("RGB", (64, 32), "green")
+    exif = image.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def _transparent_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_is_decoded_as_its_viewer_shows_it():
+    from imagine.images import decode_image
+
+    def decoded(data: bytes) -> Image.Image:
+        return decode_image(encode_image(data), LIMITS.max_image_bytes, LIMITS.max_image_pixels)
+
+    assert decoded(_animated_webp()).getpixel((10, 10)) == (255, 0, 0)  # the first frame
+    assert decoded(_turned_jpeg()).size == (32, 64)  # turned as its EXIF says
+    assert decoded(_transparent_png()).getpixel((0, 0)) == (255, 255, 255)  # transparency over white
+    assert decoded(photo(64, 64, "WEBP")).mode == "RGB"
+
+
+def _bomb(side: int) -> bytes:
+    """A PNG of side² pixels in a few kilobytes."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"image": "not base64!"}, r"image must be the base64 of a PNG, JPEG or WebP file"),
+        ({"image": b"%PDF-1.4 not an image"}, r"image is not a PNG, JPEG or WebP file"),
+        ({"image": photo(64, 64, "GIF")}, r"image is not a PNG, JPEG or WebP file"),
+        ({"image": photo(64, 64)[:300]}, r"image could not be decoded .*truncated"),
+        ({"image": photo(64, 64, "BMP")}, r"image is not a PNG, JPEG or WebP file"),
+        ({"image": photo(1200, 1000)}, r"image is 1200×1000 = 1200000 pixels; at most 1000000"),
+        ({"image": b"x" * 1_100_000}, r"image is 1\.0 MiB; at most 1\.0 MiB"),
+        (
+            {"image": photo(1000, 10)},
+            r"image is 1000×10: kept in shape, it would render at 5120×48, but each side must be from 64 to 1024",
+        ),
+        ({"image": photo(64, 64), "strength": 1.5}, r"strength must be a number from 0\.0 to 1\.0 \(got 1\.5\)"),
+        ({"image": photo(64, 64), "strength": -0.1}, r"strength must be a number from 0\.0 to 1\.0"),
+        ({"image": photo(64, 64), "strength": 0.02}, r"strength × num_inference_steps must be at least 1"),
+        ({"strength": 0.3}, r"strength applies to an image to start from: give image too"),
+        ({"image": 42}, r"image: Input should be a valid string"),
+    ],
+)
+def test_a_bad_image_or_strength_is_refused_with_what_to_do(options, message):
+    limits = Limits(max_image_bytes=2**20, max_image_pixels=1_000_000)
+    with pytest.raises(JobRejected, match=message):
+        parse_job_options({"prompt": "a dog", **options}, limits)
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded():
+    bomb = _bomb(5000)
+    assert len(bomb) < 100_000
+    with pytest.raises(JobRejected, match=r"image is 5000×5000 = 25000000 pixels; at most 16777216"):
+        parse_job_options({"prompt": "a dog", "image": bomb}, LIMITS)
+    # Beyond Pillow's own bound, Pillow refuses it from its header first.
+    with pytest.raises(JobRejected, match=r"image has far more than 16777216 pixels: send a smaller image"):
+        parse_job_options({"prompt": "a dog", "image": _bomb(20000)}, LIMITS)
+
+
+# Upscale and Vary -----------------------------------------------------------------------------------
+
+
+def test_upscale_doubles_the_size_within_the_limits_and_refuses_past_them():
+    from imagine.followups import upscale_options, vary_options
+
+    job = parse_job_options({"prompt": "a dog", "num_inference_steps": 2, "seed": 40}, LIMITS).model_dump()
+    upscale = parse_job_options(upscale_options(job, photo(512, 512), 41, LIMITS), LIMITS)
+    assert (upscale.width, upscale.height, upscale.seed, upscale.strength) == (1024, 1024, 41, 0.3)
+    assert upscale.num_inference_steps == 4  # enough for one step at strength 0.3
+    tall = {**job, "width": 440, "height": 592}
+    assert upscale_options(tall, b"", 41, LIMITS)["width"] == 760  # as near twice as MAX_SIDE allows
+    with pytest.raises(JobRejected, match=r"this image \(1024×1024\) is as large as this service renders"):
+        upscale_options({**job, "width": 1024, "height": 1024}, b"", 41, LIMITS)
+
+    subtle = parse_job_options(vary_options({**job, "num_images_per_prompt": 2}, photo(512, 512), "subtle"), LIMITS)
+    assert (subtle.width, subtle.strength, subtle.num_images_per_prompt) == (512, 0.35, 2) and subtle.seed != 40

@@ -11,8 +11,9 @@ from PIL import Image
 
 from imagine.client import ImagineClient, QueueFull
 from imagine.contract import JobRejected
+from imagine.images import encode_image, image_digest
 from imagine.queue import send_job
-from tests.helpers import free_port, nearly_the_same, pixels, png_size, run_cli, service_settings, wait_for
+from tests.helpers import free_port, nearly_the_same, photo, pixels, png_size, run_cli, service_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -228,15 +229,39 @@ def test_the_cli_blends_several_adapters_and_the_result_lists_each(shared_servic
     (png,) = tmp_path.glob("*.png")
     with Image.open(png) as image:
         assert json.loads(image.text["adapters"]) == expected
-    alone = run_cli(settings, "imagine", "a dog", *small, "--adapter", "flickr30k:0.7", "--out", str(tmp_path / "1"))
-    assert alone.returncode == 0, alone.stderr
-    assert pixels(next((tmp_path / "1").glob("*.png")).read_bytes()) != pixels(png.read_bytes())
+    client = ImagineClient(settings)
+    alone = client.submit({"prompt": "a dog", **SMALL, "num_inference_steps": 3, "seed": 7, "adapter": "flickr30k",
+                           "adapter_scale": 0.7})  # fmt: skip
+    list(client.events(alone.job_id))
+    assert pixels(client.result(alone.job_id).images[0]) != pixels(png.read_bytes())
 
     bad_scale = run_cli(settings, "imagine", "a dog", "--adapter", "flickr30k:lots")
     assert bad_scale.returncode == 2
     assert "refused: adapters: the scale after ':' in 'flickr30k:lots' must be a number" in bad_scale.stderr
     twice = run_cli(settings, "imagine", "a dog", "--adapter", "flickr30k:0.5", "--adapter", "flickr30k")
     assert twice.returncode == 2 and "refused: adapters: flickr30k is listed twice" in twice.stderr
+
+
+def test_the_cli_starts_from_an_image_at_its_aspect_ratio(shared_service, tmp_path):
+    settings, _, _ = shared_service
+    start = tmp_path / "start.png"
+    start.write_bytes(photo(96, 64))
+    out = tmp_path / "out"
+    done = run_cli(
+        settings, "imagine", "a dog", "--steps", "3", "--init-image", str(start), "--strength", "0.5",
+        "--width", "96", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (png,) = out.glob("*.png")
+    assert png_size(png.read_bytes()) == (96, 64)  # the height follows the image's aspect ratio
+    meta = json.loads(next(out.glob("*.json")).read_text())
+    assert meta["init_image"] == image_digest(encode_image(start.read_bytes())) and meta["strength"] == 0.5
+    assert "image" not in meta  # the file is not copied into the metadata
+    with Image.open(png) as image:
+        assert image.text["strength"] == "0.5" and image.text["init_image"] == meta["init_image"]
+
+    missing = run_cli(settings, "imagine", "a dog", "--init-image", str(tmp_path / "nowhere.png"))
+    assert missing.returncode == 2 and "refused: cannot read --init-image" in missing.stderr
 
 
 def test_imagine_admin_queue_and_adapters_read_the_live_service(shared_service):

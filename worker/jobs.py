@@ -496,7 +496,8 @@ class JobRunner:
         queue_wait_s = round(record.started_at - record.submitted_at, 3)
         meta = ResultMeta(
             job_id=attempt.job_id,
-            **options.model_dump(exclude={"seed", "adapter", "adapters", "scheduler"}),
+            **options.model_dump(exclude={"seed", "adapter", "adapters", "scheduler", "image", "strength"}),
+            **({"init_image": plan.batch_key.init_image, "strength": options.strength} if options.image else {}),
             seeds=output.seeds,
             adapter=plan.adapter,
             adapter_version=plan.adapter_version,

@@ -1,7 +1,8 @@
 """Rendering on the loaded pipeline: the model logic, separate from the queue that feeds it.
 
-Jobs that can share a pipeline call (`BatchKey`: the same size, steps, guidance, scheduler, adapter and
-scale, safety check) are rendered together, each image with its own prompt, negative prompt and seed.
+Jobs that can share a pipeline call (`BatchKey`: the same size, steps, guidance, scheduler, adapters and
+scales, safety check, and for img2img the same starting image and strength) are rendered together, each
+image with its own prompt, negative prompt and seed.
 `render_batch` runs the pipeline and stops at the decoded images; `finish_images` runs the safety
 checker and encodes the PNGs, which the worker does off the render thread, while the next batch renders.
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagine.contract import NO_ADAPTER, JobOptions, JobRejected
+from imagine.contract import NO_ADAPTER, JobOptions, JobRejected, Limits
+from imagine.images import decode_image, image_digest, resized
 from imagine.wire import AdapterUse
 from worker.adapters import Activation, AdapterError, AdapterRegistry
 
@@ -47,6 +49,9 @@ class BatchKey:
     adapters: Activation
     """The adapters and their scales; empty for the base model alone (whatever scale was asked)."""
     safety_checker: bool
+    init_image: str | None = None
+    """The digest of the image img2img starts from; None to start from noise."""
+    strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,14 +185,27 @@ def free_memory() -> None:
 class Renderer:
     """Turns validated job options into PNGs on one pipeline, with its adapters."""
 
-    def __init__(self, pipe, adapters: AdapterRegistry, default_adapter: str, allow_safety_checker_off: bool) -> None:
+    def __init__(
+        self,
+        pipe,
+        adapters: AdapterRegistry,
+        default_adapter: str,
+        allow_safety_checker_off: bool,
+        limits: Limits | None = None,
+    ) -> None:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
         self.pipe = pipe
+        self.limits = limits or Limits()
         self.adapters = adapters
         self.default_adapter = default_adapter or None
         self.allow_safety_checker_off = allow_safety_checker_off
         # The safety checker runs in `finish_images`, off the render thread: never inside the pipeline call.
         self.safety_checker, self.feature_extractor = pipe.safety_checker, pipe.feature_extractor
         pipe.safety_checker = None
+        # img2img on the same modules (no copy): adapters, fusing and compiling apply to both.
+        self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        self.img2img.set_progress_bar_config(disable=True)
         classes = {name: with_timesteps_on_cpu(cls) for name, cls in _scheduler_classes().items()}
         classes["default"] = with_timesteps_on_cpu(type(pipe.scheduler))
         self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in classes.items()}
@@ -220,6 +238,8 @@ class Renderer:
             scheduler=options.scheduler,
             adapters=tuple(blend),
             safety_checker=options.safety_checker and self.safety_checker is not None,
+            init_image=image_digest(options.image) if options.image is not None else None,
+            strength=options.strength if options.image is not None else None,
         )
         return RenderPlan(uses, self.prompt_warnings(options), key)
 
@@ -281,18 +301,22 @@ class Renderer:
                 on_step(step + 1, pipe.num_timesteps, tensors["latents"])
             return tensors
 
-        self.pipe.scheduler = self._schedulers[key.scheduler]
+        if key.init_image is None:
+            pipe, start = self.pipe, {"width": key.width, "height": key.height}
+        else:  # the jobs share the image (its digest is in the key): it is decoded once, as the contract did
+            image = decode_image(entries[0].options.image, self.limits.max_image_bytes, self.limits.max_image_pixels)
+            pipe, start = self.img2img, {"image": resized(image, key.width, key.height), "strength": key.strength}
+        pipe.scheduler = self._schedulers[key.scheduler]
         started = time.perf_counter()
-        images = self.pipe(
+        images = pipe(
             prompt=prompts,
             negative_prompt=negative_prompts,
             num_inference_steps=key.num_inference_steps,
             guidance_scale=key.guidance_scale,
-            width=key.width,
-            height=key.height,
             generator=generators,
             callback_on_step_end=step_end,
             output_type="pt",
+            **start,
         ).images
         return DecodedBatch(images, entries, self._scheduler_names[key.scheduler], time.perf_counter() - started)
 
@@ -310,6 +334,8 @@ class Renderer:
                 "adapter": entry.plan.adapter or NO_ADAPTER,
                 "adapters": json.dumps([use.model_dump() for use in entry.plan.adapters]),
             }
+            if entry.plan.batch_key.init_image is not None:
+                png_text |= {"init_image": entry.plan.batch_key.init_image, "strength": str(entry.options.strength)}
             images = [
                 None if flagged[row] else encode_png(_to_image(pixels[row]), {**png_text, "seed": str(seed)})
                 for row, seed in zip(rows, seeds, strict=True)

@@ -55,7 +55,9 @@ class WorkerService:
             fuse=settings.default_adapter if settings.fuse_default_adapter else None,
             scales_as_tensors=settings.compile,
         )
-        renderer = Renderer(pipe, registry, settings.default_adapter, settings.allow_safety_checker_off)
+        renderer = Renderer(
+            pipe, registry, settings.default_adapter, settings.allow_safety_checker_off, settings.limits
+        )
         in_hand = AttemptsInHand()
         board = StatusBoard(store, worker_name, settings, str(placement.device), registry, in_hand)
         metrics = WorkerMetrics(store)

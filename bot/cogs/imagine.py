@@ -15,16 +15,29 @@ from imagine.contract import (
     NO_ADAPTER,
     SCHEDULERS,
     JobRejected,
+    Limits,
     default,
     parse_adapter_list,
 )
+from imagine.images import render_size
 
-SIZES = {"square": (512, 512), "portrait": (512, 768), "landscape": (768, 512)}
+ASPECT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16")
 ADAPTER_NAMES_TTL_S = 10.0
 
 
+def aspect_sizes(limits: Limits) -> dict[str, tuple[int, int]]:
+    """Each aspect ratio's size for SD 1.x: multiples of 8 near 512² pixels, within the service's limits."""
+    sizes = {}
+    for ratio in ASPECT_RATIOS:
+        width, height = map(int, ratio.split(":"))
+        sizes[ratio] = render_size((width, height), None, None, limits.min_side, limits.max_side, limits.max_pixels)
+    return sizes
+
+
 def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
-    ranges = cog.bot.service.settings.limits.ranges()
+    limits = cog.bot.service.settings.limits
+    ranges = limits.ranges()
+    sizes = aspect_sizes(limits)
     max_steps = ranges["num_inference_steps"][1]
     max_images = ranges["num_images_per_prompt"][1]
     min_guidance, max_guidance = ranges["guidance_scale"]
@@ -38,7 +51,7 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         steps=f"Denoising steps, 1 to {max_steps} (default {default('num_inference_steps')}): more is slower, finer.",
         guidance=f"How closely to follow the prompt, {min_guidance:g} to {max_guidance:g} "
         f"(default {default('guidance_scale')}).",
-        size="Image shape (default square, 512×512).",
+        aspect="Image shape (default 1:1, 512×512; with an image: the image's own).",
         seed=f"Seed of the first image, 0 to {MAX_SEED} (default random): the same seed redraws the same image.",
         count=f"Number of images, 1 to {max_images} (default {default('num_images_per_prompt')}).",
         adapter=f"LoRA adapter (default: the Flickr30k one; '{NO_ADAPTER}' for the base model).",
@@ -46,9 +59,11 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         loras=f"Several adapters blended, as flickr30k:0.8, style:0.5 (at most "
         f"{cog.bot.service.settings.max_adapters}; instead of adapter).",
         scheduler="Sampler (default: the model's own).",
+        image="An image to start from (PNG, JPEG or WebP): the prompt redraws it.",
+        strength=f"How far to move from the image, 0 to 1 (default {default('strength')}): 0 keeps it.",
     )
     @app_commands.choices(
-        size=[app_commands.Choice(name=f"{name} ({w}×{h})", value=name) for name, (w, h) in SIZES.items()],
+        aspect=[app_commands.Choice(name=f"{ratio} ({w}×{h})", value=ratio) for ratio, (w, h) in sizes.items()],
         scheduler=[app_commands.Choice(name=name, value=name) for name in SCHEDULERS],
     )
     @app_commands.autocomplete(adapter=cog.adapter_names, loras=cog.lora_list)
@@ -58,13 +73,15 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         negative_prompt: app_commands.Range[str, 0, MAX_PROMPT_CHARS] | None = None,
         steps: app_commands.Range[int, 1, max_steps] | None = None,
         guidance: app_commands.Range[float, min_guidance, max_guidance] | None = None,
-        size: str | None = None,
+        aspect: str | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         count: app_commands.Range[int, 1, max_images] | None = None,
         adapter: str | None = None,
         adapter_scale: app_commands.Range[float, min_scale, max_scale] | None = None,
         loras: app_commands.Range[str, 1, 400] | None = None,
         scheduler: str | None = None,
+        image: discord.Attachment | None = None,
+        strength: app_commands.Range[float, 0.0, 1.0] | None = None,
     ) -> None:
         # Discord does not enforce declared ranges or choices: the shared contract checks everything again.
         options = {"prompt": prompt, "seed": seed, "adapter": adapter}
@@ -75,16 +92,33 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
             ("num_images_per_prompt", count),
             ("adapter_scale", adapter_scale),
             ("scheduler", scheduler),
+            ("strength", strength),
         ):
             if value is not None:
                 options[name] = value
-        if size is not None:
-            if size not in SIZES:
+        if aspect is not None:
+            if aspect not in sizes:
                 await interaction.response.send_message(
-                    f"⚠️ size must be one of {', '.join(SIZES)} (got {size!r})", ephemeral=True
+                    f"⚠️ aspect must be one of {', '.join(sizes)} (got {aspect!r})", ephemeral=True
                 )
                 return
-            options["width"], options["height"] = SIZES[size]
+            options["width"], options["height"] = sizes[aspect]
+        if image is not None:
+            if image.size > limits.max_image_bytes:  # refused before it is downloaded
+                await interaction.response.send_message(
+                    f"⚠️ image is {image.size / 2**20:.1f} MiB; at most {limits.max_image_bytes / 2**20:.1f} MiB: "
+                    "send a smaller file",
+                    ephemeral=True,
+                )
+                return
+            try:
+                options["image"] = await image.read()  # the contract checks what it is
+            except discord.HTTPException as error:
+                await interaction.response.send_message(
+                    f"⚠️ the image could not be downloaded from Discord ({error.status}); attach it again",
+                    ephemeral=True,
+                )
+                return
         if loras is not None:
             try:
                 options["adapters"] = parse_adapter_list(loras)

@@ -25,6 +25,7 @@ from bot.checks import is_admin
 from bot.deliveries import DELIVERY_CLAIM_S, INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
 from bot.limits import UserLimits
 from imagine.contract import JobOptions, JobRejected, parse_job_options
+from imagine.followups import upscale_options, vary_options
 from imagine.logs import job_context
 from imagine.store import REDIS_UNREACHABLE
 from imagine.wire import TERMINAL_EVENTS, Cancelled, Done, Failed, JobEvent, Queued, Step
@@ -87,7 +88,8 @@ class JobsCog(commands.Cog, name="Jobs"):
         user_id = interaction.user.id
         limited = not (self.settings.admins_exempt_from_limits and is_admin(interaction, self.settings))
         try:
-            checked = parse_job_options(options, self.service.settings.limits)
+            # In a thread: an image to start from is decoded, which would hold the event loop up.
+            checked = await asyncio.to_thread(parse_job_options, options, self.service.settings.limits)
             if limited:
                 await asyncio.to_thread(self.limits.admit, user_id)
         except JobRejected as refusal:
@@ -340,11 +342,40 @@ class JobsCog(commands.Cog, name="Jobs"):
             options = dict(record.options)
             if action is Action.REROLL:
                 options["seed"] = None
-            else:
+            elif action is Action.VARY:
                 # Seeds near the image's own, past every seed of its job and of its siblings' variations.
                 count = options["num_images_per_prompt"]
                 options["seed"] = options["seed"] + count * (button.index + 1)
+            else:
+                options = await self._from_image(interaction, button, options)
+                if options is None:
+                    return
             await self.submit(interaction, options)
+
+    async def _from_image(
+        self, interaction: discord.Interaction, button: JobButton, options: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The job an Upscale or Vary button asks for, from the image it sits beside. The image is read back
+        from the message (the service lets a result go once it is delivered); None, answered, when the
+        image is gone or cannot be upscaled."""
+        prefix = f"{button.job_id}-{button.index}-"  # JobResult.file_name
+        attachment = next((a for a in interaction.message.attachments if a.filename.startswith(prefix)), None)
+        try:
+            png = await attachment.read() if attachment is not None else None
+        except discord.HTTPException:
+            png = None
+        if png is None:
+            await interaction.response.send_message(
+                "This image is no longer on the message; use /imagine again.", ephemeral=True
+            )
+            return None
+        if button.action is not Action.UPSCALE:
+            return vary_options(options, png, str(button.action))
+        try:
+            return upscale_options(options, png, options["seed"] + button.index, self.service.settings.limits)
+        except JobRejected as refusal:
+            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
+            return None
 
 
 async def setup(bot: ImagineBot) -> None:
