@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}
 WHEELS=${WHEELS:-.whl}
 packages=(
-  diffusers transformers tokenizers huggingface_hub peft importlib_metadata
+  diffusers transformers tokenizers huggingface_hub peft importlib_metadata compel pyparsing
   pydantic pydantic_core pydantic-settings annotated-types typing-inspection python-dotenv
   celery kombu billiard amqp vine tzlocal click-didyoumean click-repl click-plugins prompt_toolkit wcwidth
   redis

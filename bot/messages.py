@@ -57,6 +57,8 @@ def result_embed(result: JobResult, requester_id: int) -> discord.Embed:
     embed.add_field(name="Steps", value=str(meta.num_inference_steps))
     embed.add_field(name="Guidance", value=f"{meta.guidance_scale:g}")
     embed.add_field(name="Size", value=f"{meta.width}×{meta.height}")
+    if meta.style is not None:
+        embed.add_field(name="Style", value=meta.style)
     if meta.init_image is not None:
         embed.add_field(name="Started from", value=f"an image (`{meta.init_image}`) at strength {meta.strength:g}")
     if meta.adapters:  # each adapter of a blend with its version and scale

@@ -115,6 +115,27 @@ def format_dead_letters(client: ImagineClient, with_messages: bool) -> str:
     return "\n".join(lines)
 
 
+def format_styles(client: ImagineClient) -> str:
+    """The styles of STYLES_FILE as front ends offer them, and what is wrong with the file if anything is."""
+    book = client.styles
+    styles = book.styles()
+    lines = [
+        f"{style.name}: {style.prompt}"
+        + (f" (negative: {style.negative_prompt})" if style.negative_prompt else "")
+        + (
+            f"; defaults {', '.join(f'{key}={value}' for key, value in style.defaults.items())}"
+            if style.defaults
+            else ""
+        )
+        for style in styles.values()
+    ]
+    if not lines:
+        lines.append(f"no styles ({book.path} {'has none' if book.path.exists() else 'does not exist'})")
+    if book.error is not None:
+        lines.append(f"ERROR: {book.error}; front ends keep the styles they read before it until it is fixed")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imagine-admin", description="Administer the image service's workers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "queue", help="Queue depth, running jobs, workers, render and wait times, failures, adapter loads."
     )
+    commands.add_parser("styles", help="The styles of STYLES_FILE, and what is wrong with the file if anything is.")
     letters_parser = commands.add_parser(
         "dead-letters", help=f"The last {DEAD_LETTERS_KEPT} queue messages workers refused as not a job of ours."
     )
@@ -156,6 +178,9 @@ def run_command(args: argparse.Namespace, client: ImagineClient, parser: argpars
         return 1 if refused or not outcome.answers else 0
     if args.command == "adapters":
         print(format_adapters(client))
+    elif args.command == "styles":
+        print(format_styles(client))
+        return 1 if client.styles.error is not None else 0
     elif args.command == "dead-letters":
         print(format_dead_letters(client, args.messages))
     elif args.command == "metrics":

@@ -55,6 +55,9 @@ def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
     parser.add_argument(
         "--strength", type=float, help=f"How far to move from --init-image: {span('strength')} (0 keeps it)."
     )
+    parser.add_argument(
+        "--style", help="A style of STYLES_FILE: its template around the prompt, its defaults (imagine-admin styles)."
+    )
     parser.add_argument("--scheduler", choices=SCHEDULERS, help=f"Sampler, default {default('scheduler')}.")
     parser.add_argument("--out", type=Path, default=Path("out"), help="Folder for the PNGs and the metadata JSON.")
     return parser
@@ -95,7 +98,7 @@ def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
             options["adapter"] = chosen[0]  # one adapter, at --adapter-scale
         elif chosen:
             options["adapters"] = parse_adapter_list(",".join(chosen))
-        job = client.submit(options)
+        job = client.submit(client.styles.apply(options))
     except JobRejected as error:
         print(f"imagine: refused: {error}", file=sys.stderr)
         return EXIT_REFUSED

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from imagine.images import ImageRejected, decode_image, encode_image, render_size
+from imagine.prompts import PromptSyntaxError, weighted_fragments
 
 SCHEDULERS = ("default", "pndm", "ddim", "euler", "euler_ancestral", "dpmpp_2m")
 """Scheduler names a job may ask for; `default` is the one the model folder ships."""
@@ -53,6 +54,9 @@ class Limits:
     """The largest file a job may start from (Discord's default attachment limit)."""
     max_image_pixels: int = 4096 * 4096
     """The largest image a job may start from, in pixels (it is resized to the render size)."""
+    prompt_weights: bool = True
+    """Prompts are read with A1111's weights, `(word:1.3)`, and encoded beyond 77 tokens; off, they are plain
+    text cut at the text encoder's 77 tokens."""
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """The allowed range of each numeric option, as shown in error messages and help texts."""
@@ -110,6 +114,8 @@ class JobOptions(BaseModel):
     it renders at its own aspect ratio, at about 512² pixels."""
     strength: float = 0.6
     """How far img2img moves from `image`: 0 keeps it, 1 ignores it."""
+    style: str | None = None
+    """The style the front end applied (`imagine/styles.py`): the prompt is already the one it expanded to."""
     scheduler: str = "default"
     safety_checker: bool = True
     """False asks for no safety check; the worker honours it only where its operator allows it."""
@@ -139,6 +145,13 @@ class JobOptions(BaseModel):
                 "adapter must be a name of letters, digits, '.', '_' or '-' (at most 64, no path), "
                 f"or '{NO_ADAPTER}' (got {value!r})"
             )
+        return value
+
+    @field_validator("style")
+    @classmethod
+    def _style_name(cls, value: str | None) -> str | None:
+        if value is not None and not ADAPTER_NAME_PATTERN.match(value):
+            raise ValueError(f"style must be a name of letters, digits, '.', '_' or '-' (at most 64) (got {value!r})")
         return value
 
     @field_validator("scheduler")
@@ -216,6 +229,14 @@ def parse_job_options(data: dict[str, Any] | JobOptions, limits: Limits) -> JobO
             raise JobRejected(_range_message(option, low, high, value), option)
     if options.adapters is not None:
         _check_adapters(options, limits)
+    if limits.prompt_weights:
+        for option in ("prompt", "negative_prompt"):
+            try:
+                fragments = weighted_fragments(getattr(options, option))
+            except PromptSyntaxError as error:
+                raise JobRejected(f"{option}: {error}", option) from None
+            if option == "prompt" and not fragments:
+                raise JobRejected("prompt: nothing is left to draw once its weights are read", option)
     if options.image is not None:
         options = _fit_to_image(options, limits)
     elif options.strength != default("strength"):

@@ -6,6 +6,8 @@ passes it down; nothing else reads the environment.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -29,6 +31,15 @@ class ServiceSettings(BaseSettings):
     )
     max_image_pixels: int = Field(
         4096 * 4096, ge=64 * 64, description="Largest image a job may start from, in pixels (before resizing)."
+    )
+    prompt_weights: bool = Field(
+        True,
+        description="Read prompts with A1111's weights, (word:1.3), and encode them beyond 77 tokens; "
+        "false: plain text, cut at 77 tokens.",
+    )
+    styles_file: Path = Field(
+        Path("styles.toml"),
+        description="The styles front ends offer (a TOML file; read again when it changes; none when it is absent).",
     )
     max_queue_length: int = Field(100, ge=1, description="Jobs waiting at once; more are refused as 'queue full'.")
 
@@ -54,6 +65,7 @@ class ServiceSettings(BaseSettings):
             max_adapters=self.max_adapters,
             max_image_bytes=self.max_image_bytes,
             max_image_pixels=self.max_image_pixels,
+            prompt_weights=self.prompt_weights,
         )
 
     @property

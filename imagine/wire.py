@@ -200,6 +200,8 @@ class ResultMeta(WireModel):
     """img2img: the digest of the image it started from (`imagine.images.image_digest`); absent otherwise."""
     strength: float | None = None
     """img2img: how far it moved from that image."""
+    style: str | None = None
+    """The style its prompt was expanded with (`prompt` is the expanded one)."""
     base_model: str
     images: list[ImageInfo]
     worker: str

@@ -116,6 +116,7 @@ def service_env(settings: ServiceSettings) -> dict[str, str]:
         "QUEUE_NAME": settings.queue_name,
         "KEY_PREFIX": settings.key_prefix,
         "MAX_QUEUE_LENGTH": str(settings.max_queue_length),
+        "STYLES_FILE": str(settings.styles_file),
     }
 
 

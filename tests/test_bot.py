@@ -3,6 +3,7 @@ a real Redis, and a real worker on the tiny model."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -92,7 +93,10 @@ def discord_env(redis_server, model_cache, tmp_path_factory, adapter_weights):
     for user in (ALICE, BOB, CAROL):
         fake.add_member(user)
     fake.add_member(ADMIN, role_ids=[ADMIN_ROLE.id])
-    bot = BotProcess(settings, fake, logs, MAX_PENDING_PER_USER="2").start()
+    styles = logs / "styles.toml"
+    styles.write_text('[photo]\ndescription = "A photograph"\nprompt = "a photograph of {prompt}"\n')
+    bot = BotProcess(settings, fake, logs, MAX_PENDING_PER_USER="2", STYLES_FILE=str(styles)).start()
+    bot.styles_file = styles
     yield settings, fake, bot, worker
     bot.stop()
     fake.stop()
@@ -239,6 +243,30 @@ def test_an_attached_image_then_upscale_and_vary_buttons(discord_env):
     assert vary_fields["Seeds"] != "`7`" and vary_fields["Size"] == "512×512"
     assert "at strength 0.7" in vary_fields["Started from"]
     assert pixels(varied["attachments_bytes"][0]) != pixels(first["attachments_bytes"][0])
+
+
+def test_styles_are_listed_completed_and_applied_and_an_edit_serves_at_once(discord_env):
+    _, fake, bot, _ = discord_env
+    listed = ephemeral_reply(fake, fake.send_slash_command(ALICE, "styles", {}))
+    assert "**photo** — A photograph\n`a photograph of {prompt}`" in listed
+    completing = fake.interaction(
+        fake.send_autocomplete(ALICE, "imagine", {"prompt": "a dog", "style": "ph"}, focused="style")
+    )
+    (callback,) = fake.wait_for(lambda: completing.callbacks, what="the autocomplete answer")
+    assert [choice["value"] for choice in callback["data"]["choices"]] == ["photo"]
+
+    styled = fake.send_slash_command(ALICE, "imagine", {"prompt": "a dog", "style": "photo", **SMALL})
+    message = final_message(fake, styled)
+    assert message["embeds"][0]["description"] == "a photograph of a dog"
+    assert {f["name"]: f["value"] for f in message["embeds"][0]["fields"]}["Style"] == "photo"
+
+    bot.styles_file.write_text(bot.styles_file.read_text() + '[noir]\nprompt = "{prompt}, film noir"\n')
+    os.utime(bot.styles_file, ns=(time.time_ns() + 10**9,) * 2)
+    assert "**noir**" in ephemeral_reply(fake, fake.send_slash_command(ALICE, "styles", {}))
+    unknown = fake.send_slash_command(ALICE, "imagine", {"prompt": "a dog", "style": "gothic"}, check=False)
+    assert "style 'gothic' is not a style of this service; the styles are: photo, noir" in ephemeral_reply(
+        fake, unknown
+    )
 
 
 def test_cancel_while_queued_and_a_strangers_cancel(discord_env):

@@ -1,5 +1,6 @@
 """What users of other Stable Diffusion bots expect, checked against diffusers' own way of doing it on the
-tiny model: several adapters blended in one image, img2img from an image a user gives."""
+tiny model: several adapters blended in one image, img2img from an image a user gives, prompt weights and
+long prompts, and Upscale and Vary."""
 
 from __future__ import annotations
 
@@ -229,3 +230,65 @@ def test_upscale_doubles_the_size_within_the_limits_and_refuses_past_them():
 
     subtle = parse_job_options(vary_options({**job, "num_images_per_prompt": 2}, photo(512, 512), "subtle"), LIMITS)
     assert (subtle.width, subtle.strength, subtle.num_images_per_prompt) == (512, 0.35, 2) and subtle.seed != 40
+
+
+# Prompt weights and long prompts ------------------------------------------------------------------
+
+LONG = "a lighthouse at dusk, " + "waves crashing on the rocks, " * 30
+
+
+def test_a_weight_changes_the_image_and_a_weight_of_one_changes_nothing(renderer):
+    plain = render(renderer, prompt="a dog on a beach", adapter="none")
+    assert pixels(render(renderer, prompt="a (dog:1.0) on a beach", adapter="none").images[0]) == pixels(
+        plain.images[0]
+    )
+    for weighted in ("a (dog:1.5) on a beach", "a (dog) on a beach", "a [dog] on a beach"):
+        assert pixels(render(renderer, prompt=weighted, adapter="none").images[0]) != pixels(plain.images[0])
+
+
+def test_a_long_prompt_is_encoded_whole_unless_weights_are_off(renderer, tiny_pipe):
+    whole = render(renderer, prompt=LONG, adapter="none")
+    assert whole.warnings == []
+    plan = renderer.plan(parse_job_options({**JOB, "prompt": LONG}, LIMITS))
+    embeds, _ = renderer.prompt_encoder.encode([LONG], [""])
+    assert plan.batch_key.prompt_chunks == embeds.shape[1] // 77 > 1
+    assert plan.batch_key != renderer.plan(parse_job_options(JOB, LIMITS)).batch_key  # never batched with a short one
+
+    off = Limits(prompt_weights=False)
+    plain_renderer = Renderer(tiny_pipe, renderer.adapters, "", allow_safety_checker_off=False, limits=off)
+    cut = plain_renderer.render(parse_job_options({**JOB, "prompt": LONG, "adapter": "none"}, off))
+    assert any("longer than the text encoder's 77 tokens" in warning for warning in cut.warnings)
+    assert pixels(cut.images[0]) != pixels(whole.images[0])
+    # Off, brackets are plain text: the prompt is not read for weights, and nothing is refused.
+    assert parse_job_options({"prompt": "a smiley :)"}, off).prompt == "a smiley :)"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("a (dog on a beach", r"prompt: the '\(' at character 3 is never closed; close it with '\)', or write \\\("),
+        ("a smiley :)", r"prompt: the '\)' at character 11 closes nothing; write \\\) for the character itself"),
+        ("a (dog] on a beach", r"prompt: the '\]' at character 7 closes the '\(' at character 3, which needs '\)'"),
+        ("a (dog:25) on a beach", r"prompt: the weight 25 at character 7 must be from 0 to 10"),
+        ("()", r"prompt: nothing is left to draw once its weights are read"),
+    ],
+)
+def test_a_prompt_whose_weights_do_not_parse_is_refused_saying_where(prompt, message):
+    with pytest.raises(JobRejected, match=message):
+        parse_job_options({"prompt": prompt}, LIMITS)
+    if prompt != "()":  # an empty negative prompt is allowed
+        with pytest.raises(JobRejected, match=message.replace("prompt:", "negative_prompt:")):
+            parse_job_options({"prompt": "a dog", "negative_prompt": prompt}, LIMITS)
+
+
+def test_weights_read_as_a1111_reads_them():
+    from imagine.prompts import weighted_fragments
+
+    assert weighted_fragments("a (dog:1.0), running") == [("a dog, running", 1.0)]
+    assert weighted_fragments("a (red [car]:1.5) \\(x\\)") == [
+        ("a ", 1.0),
+        ("red ", 1.5),
+        ("car", 1.5 / 1.1),
+        (" (x)", 1.0),
+    ]
+    assert weighted_fragments("((big)) house, time: 10:30") == [("big", 1.1 * 1.1), (" house, time: 10:30", 1.0)]

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FLOWER_USER, FLOWER_PASSWORD = "operator", "correct horse"
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
-# Longer than CLIP's 77 tokens: diffusers logs a warning while the job renders.
+# Longer than CLIP's 77 tokens: with PROMPT_WEIGHTS off, diffusers logs a warning while the job renders.
 LONG_PROMPT = "a lighthouse at dusk, " + "waves " * 80
 
 
@@ -132,6 +132,7 @@ def monitored(redis_server, model_cache, tmp_path_factory, adapter_weights):
         MODEL_CACHE_DIR=str(model_cache),
         LORA_DIR=str(lora_dir),
         DEFAULT_ADAPTER="flickr30k",
+        PROMPT_WEIGHTS="false",
     )
     try:
         # Flower sees only the events sent after it connects: it starts first.

@@ -79,15 +79,15 @@ def test_all_three_adapter_layouts_serve_the_same_image(shared_service):
     assert pixels(zero.images[0]) == images["none"]
 
 
-def test_schedulers_and_long_prompt_warning(shared_service):
+def test_schedulers_and_a_long_prompt_encoded_whole(shared_service):
     settings, _, _ = shared_service
     client = ImagineClient(settings)
     job_id, events = run_job(client, seed=1, scheduler="euler_ancestral", adapter="none", prompt="dog " * 40)
     assert events[-1].type == "done"
     started = next(event for event in events if event.type == "started")
-    assert any("longer than the text encoder's 77 tokens" in warning for warning in started.warnings)
+    assert started.warnings == []  # with PROMPT_WEIGHTS on, nothing is cut
     meta = client.result(job_id).meta
-    assert meta.scheduler == "EulerAncestralDiscreteScheduler" and meta.warnings
+    assert meta.scheduler == "EulerAncestralDiscreteScheduler" and meta.warnings == []
 
 
 def test_bad_options_are_refused_before_the_queue(shared_service):
@@ -242,14 +242,14 @@ def test_the_cli_blends_several_adapters_and_the_result_lists_each(shared_servic
     assert twice.returncode == 2 and "refused: adapters: flickr30k is listed twice" in twice.stderr
 
 
-def test_the_cli_starts_from_an_image_at_its_aspect_ratio(shared_service, tmp_path):
+def test_the_cli_starts_from_an_image_at_its_aspect_ratio_in_a_style(shared_service, tmp_path):
     settings, _, _ = shared_service
     start = tmp_path / "start.png"
     start.write_bytes(photo(96, 64))
     out = tmp_path / "out"
     done = run_cli(
         settings, "imagine", "a dog", "--steps", "3", "--init-image", str(start), "--strength", "0.5",
-        "--width", "96", "--out", str(out),
+        "--width", "96", "--style", "photo", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     (png,) = out.glob("*.png")
@@ -257,11 +257,15 @@ def test_the_cli_starts_from_an_image_at_its_aspect_ratio(shared_service, tmp_pa
     meta = json.loads(next(out.glob("*.json")).read_text())
     assert meta["init_image"] == image_digest(encode_image(start.read_bytes())) and meta["strength"] == 0.5
     assert "image" not in meta  # the file is not copied into the metadata
+    assert meta["style"] == "photo" and meta["prompt"] == "a photograph of a dog, natural light, 35mm"
+    assert meta["negative_prompt"].startswith("drawing, painting")  # the shipped styles.toml
     with Image.open(png) as image:
         assert image.text["strength"] == "0.5" and image.text["init_image"] == meta["init_image"]
 
     missing = run_cli(settings, "imagine", "a dog", "--init-image", str(tmp_path / "nowhere.png"))
     assert missing.returncode == 2 and "refused: cannot read --init-image" in missing.stderr
+    unknown = run_cli(settings, "imagine", "a dog", "--style", "noir")
+    assert unknown.returncode == 2 and "refused: style 'noir' is not a style of this service" in unknown.stderr
 
 
 def test_imagine_admin_queue_and_adapters_read_the_live_service(shared_service):

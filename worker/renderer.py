@@ -27,6 +27,7 @@ from imagine.contract import NO_ADAPTER, JobOptions, JobRejected, Limits
 from imagine.images import decode_image, image_digest, resized
 from imagine.wire import AdapterUse
 from worker.adapters import Activation, AdapterError, AdapterRegistry
+from worker.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class BatchKey:
     init_image: str | None = None
     """The digest of the image img2img starts from; None to start from noise."""
     strength: float | None = None
+    prompt_chunks: int = 1
+    """How many chunks of 75 tokens the longer of its prompt and negative prompt takes (with prompt weights on)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ class Renderer:
         # img2img on the same modules (no copy): adapters, fusing and compiling apply to both.
         self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
         self.img2img.set_progress_bar_config(disable=True)
+        self.prompt_encoder = PromptEncoder(pipe) if self.limits.prompt_weights else None
         classes = {name: with_timesteps_on_cpu(cls) for name, cls in _scheduler_classes().items()}
         classes["default"] = with_timesteps_on_cpu(type(pipe.scheduler))
         self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in classes.items()}
@@ -240,6 +244,9 @@ class Renderer:
             safety_checker=options.safety_checker and self.safety_checker is not None,
             init_image=image_digest(options.image) if options.image is not None else None,
             strength=options.strength if options.image is not None else None,
+            prompt_chunks=max(map(self.prompt_encoder.chunks, (options.prompt, options.negative_prompt)))
+            if self.prompt_encoder
+            else 1,
         )
         return RenderPlan(uses, self.prompt_warnings(options), key)
 
@@ -257,6 +264,8 @@ class Renderer:
         return [(self.default_adapter, options.adapter_scale)]
 
     def prompt_warnings(self, options: JobOptions) -> list[str]:
+        if self.prompt_encoder is not None:
+            return []  # nothing is cut: long prompts are encoded in chunks
         warnings = []
         tokenizer = self.pipe.tokenizer
         limit = tokenizer.model_max_length
@@ -308,9 +317,13 @@ class Renderer:
             pipe, start = self.img2img, {"image": resized(image, key.width, key.height), "strength": key.strength}
         pipe.scheduler = self._schedulers[key.scheduler]
         started = time.perf_counter()
+        if self.prompt_encoder is not None:
+            embeds, negative_embeds = self.prompt_encoder.encode(prompts, negative_prompts)
+            conditioning = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+        else:
+            conditioning = {"prompt": prompts, "negative_prompt": negative_prompts}
         images = pipe(
-            prompt=prompts,
-            negative_prompt=negative_prompts,
+            **conditioning,
             num_inference_steps=key.num_inference_steps,
             guidance_scale=key.guidance_scale,
             generator=generators,

@@ -9,6 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import ImagineBot
+from bot.messages import escape
 from imagine.contract import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -60,13 +61,14 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         f"{cog.bot.service.settings.max_adapters}; instead of adapter).",
         scheduler="Sampler (default: the model's own).",
         image="An image to start from (PNG, JPEG or WebP): the prompt redraws it.",
+        style="A style: a template around your prompt, with its own defaults (/styles lists them).",
         strength=f"How far to move from the image, 0 to 1 (default {default('strength')}): 0 keeps it.",
     )
     @app_commands.choices(
         aspect=[app_commands.Choice(name=f"{ratio} ({w}×{h})", value=ratio) for ratio, (w, h) in sizes.items()],
         scheduler=[app_commands.Choice(name=name, value=name) for name in SCHEDULERS],
     )
-    @app_commands.autocomplete(adapter=cog.adapter_names, loras=cog.lora_list)
+    @app_commands.autocomplete(adapter=cog.adapter_names, loras=cog.lora_list, style=cog.style_names)
     async def imagine(
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
@@ -82,6 +84,7 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         scheduler: str | None = None,
         image: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.0, 1.0] | None = None,
+        style: app_commands.Range[str, 1, 64] | None = None,
     ) -> None:
         # Discord does not enforce declared ranges or choices: the shared contract checks everything again.
         options = {"prompt": prompt, "seed": seed, "adapter": adapter}
@@ -125,6 +128,13 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
             except JobRejected as refusal:
                 await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
                 return
+        if style is not None:
+            options["style"] = style
+        try:
+            options = cog.bot.service.styles.apply(options)
+        except JobRejected as refusal:
+            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
+            return
         nsfw = isinstance(interaction.channel, discord.abc.GuildChannel) and interaction.channel.is_nsfw()
         if nsfw and cog.bot.settings.allow_unfiltered_nsfw:
             options["safety_checker"] = False
@@ -142,6 +152,22 @@ class ImagineCog(commands.Cog):
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command("imagine")
+
+    @app_commands.command(name="styles", description="The styles /imagine offers.")
+    @app_commands.guild_only()
+    async def styles(self, interaction: discord.Interaction) -> None:
+        styles = self.bot.service.styles.styles()
+        lines = [
+            f"**{style.name}**" + (f" — {escape(style.description)}" if style.description else "")
+            + f"\n`{style.prompt}`"
+            for style in styles.values()
+        ]  # fmt: skip
+        text = "\n".join(lines) or "This service has no styles."
+        await interaction.response.send_message(text[:2000], ephemeral=True)
+
+    async def style_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        names = [name for name in self.bot.service.styles.styles() if current.lower() in name.lower()]
+        return [app_commands.Choice(name=name, value=name) for name in names[:25]]
 
     async def adapter_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         """The adapters the online workers have loaded, and 'none'."""
