@@ -13,8 +13,6 @@ from imagine.store import FrontEndRecords
 logger = logging.getLogger(__name__)
 
 INTERACTION_TOKEN_LIFETIME_S = 15 * 60
-DELIVERY_CLAIM_S = 30
-"""How long the right to deliver a job lasts; the delivering bot renews it while it works."""
 TOKEN_MARGIN_S = 30
 """Past this much before its expiry, a token is not trusted for a final edit that may need uploads."""
 
@@ -37,9 +35,11 @@ class Delivery:
 
 
 class DeliveryStore:
-    def __init__(self, records: FrontEndRecords, ttl_s: float) -> None:
+    def __init__(self, records: FrontEndRecords, ttl_s: float, claim_s: float) -> None:
         self.records = records
         self.ttl_s = ttl_s
+        self.claim_s = claim_s
+        """How long the right to deliver a job lasts; the delivering bot renews it while it works."""
         self._unreadable = OncePerKey(logger)
 
     def save(self, delivery: Delivery) -> None:
@@ -62,11 +62,11 @@ class DeliveryStore:
         return sorted((d for d in deliveries if d is not None), key=lambda delivery: delivery.token_expires_at)
 
     def claim(self, job_id: str) -> bool:
-        """Take the right to deliver a job for DELIVERY_CLAIM_S: two bot processes never deliver the same job."""
-        return self.records.claim("delivering", job_id, DELIVERY_CLAIM_S)
+        """Take the right to deliver a job for `claim_s`: two bot processes never deliver the same job."""
+        return self.records.claim("delivering", job_id, self.claim_s)
 
     def renew_claim(self, job_id: str) -> None:
-        self.records.renew("delivering", job_id, DELIVERY_CLAIM_S)
+        self.records.renew("delivering", job_id, self.claim_s)
 
     def release(self, job_id: str) -> None:
         self.records.release("delivering", job_id)

@@ -7,12 +7,12 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from imagine.settings import ServiceSettings
+from imagine.settings import FrontEndSettings
 
 IdList = Annotated[list[int], NoDecode]
 
 
-class BotSettings(ServiceSettings):
+class BotSettings(FrontEndSettings):
     discord_token: SecretStr = Field(description="The bot's token (Developer Portal > Bot). Never logged.")
     discord_guild_ids: IdList = Field(
         default_factory=list, description="Servers to sync commands to at once (comma-separated); empty: global."
@@ -30,6 +30,12 @@ class BotSettings(ServiceSettings):
         1.5, gt=0, description="Least time between two edits of a progress message."
     )
     reload_timeout_s: float = Field(30.0, gt=0, description="How long /reload-adapter waits for the workers' answers.")
+    delivery_claim_s: float = Field(
+        30.0,
+        ge=3,
+        description="How long a bot's right to deliver a job lasts (renewed while it delivers): after a crash "
+        "mid-delivery, a restarted bot takes the job over this soon.",
+    )
     discord_api_base: str | None = Field(
         None, description="Another Discord REST base (a test double); unset for Discord."
     )

@@ -7,8 +7,9 @@ import sys
 import time
 
 from imagine.client import EXIT_UNREACHABLE, ImagineClient, ReloadOutcome, unreachable_message
-from imagine.settings import ServiceSettings
+from imagine.settings import FrontEndSettings
 from imagine.store import DEAD_LETTERS_KEPT, REDIS_UNREACHABLE, DurationStats
+from imagine.styles import StyleBook
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -115,9 +116,8 @@ def format_dead_letters(client: ImagineClient, with_messages: bool) -> str:
     return "\n".join(lines)
 
 
-def format_styles(client: ImagineClient) -> str:
+def format_styles(book: StyleBook) -> str:
     """The styles of STYLES_FILE as front ends offer them, and what is wrong with the file if anything is."""
-    book = client.styles
     styles = book.styles()
     lines = [
         f"{style.name}: {style.prompt}"
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_parser.add_argument("--address", default="0.0.0.0", help="Address to listen on.")
     args = parser.parse_args(argv)
 
-    settings = ServiceSettings()
+    settings = FrontEndSettings()
     try:
         return run_command(args, ImagineClient(settings), parser)
     except REDIS_UNREACHABLE as error:
@@ -179,8 +179,9 @@ def run_command(args: argparse.Namespace, client: ImagineClient, parser: argpars
     if args.command == "adapters":
         print(format_adapters(client))
     elif args.command == "styles":
-        print(format_styles(client))
-        return 1 if client.styles.error is not None else 0
+        book = StyleBook(client.settings.styles_file, client.settings.limits)  # a FrontEndSettings
+        print(format_styles(book))
+        return 1 if book.error is not None else 0
     elif args.command == "dead-letters":
         print(format_dead_letters(client, args.messages))
     elif args.command == "metrics":

@@ -10,14 +10,15 @@ from tqdm import tqdm
 
 from imagine.client import EXIT_UNREACHABLE, ImagineClient, unreachable_message
 from imagine.contract import MAX_PROMPT_CHARS, NO_ADAPTER, SCHEDULERS, JobRejected, default, parse_adapter_list
-from imagine.settings import ServiceSettings
+from imagine.settings import FrontEndSettings
 from imagine.store import REDIS_UNREACHABLE
+from imagine.styles import StyleBook
 from imagine.wire import Cancelled, Failed, Queued, Started, Step
 
 EXIT_FAILED, EXIT_REFUSED, EXIT_CANCELLED = 1, 2, 3
 
 
-def build_parser(settings: ServiceSettings) -> argparse.ArgumentParser:
+def build_parser(settings: FrontEndSettings) -> argparse.ArgumentParser:
     """Every option of the contract, with its range from the service's limits and its default from the
     contract; an option left out is left to the contract's default."""
     ranges = settings.limits.ranges()
@@ -72,7 +73,7 @@ OPTION_NAMES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = ServiceSettings()
+    settings = FrontEndSettings()
     args = build_parser(settings).parse_args(argv)
     try:
         return render(settings, args)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
 
 
-def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
+def render(settings: FrontEndSettings, args: argparse.Namespace) -> int:
     given = {name: value for name, value in vars(args).items() if name != "out" and value is not None}
     options = {OPTION_NAMES.get(name, name): value for name, value in given.items()}
     chosen = options.pop("adapter", [])
@@ -98,7 +99,7 @@ def render(settings: ServiceSettings, args: argparse.Namespace) -> int:
             options["adapter"] = chosen[0]  # one adapter, at --adapter-scale
         elif chosen:
             options["adapters"] = parse_adapter_list(",".join(chosen))
-        job = client.submit(client.styles.apply(options))
+        job = client.submit(StyleBook(settings.styles_file, settings.limits).apply(options))
     except JobRejected as error:
         print(f"imagine: refused: {error}", file=sys.stderr)
         return EXIT_REFUSED

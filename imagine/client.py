@@ -27,7 +27,6 @@ from imagine.store import (
     JobStore,
     ServiceCounters,
 )
-from imagine.styles import StyleBook
 from imagine.wire import DeadLetter, JobEvent, ReloadAnswer, WorkerStatus
 
 EXIT_UNREACHABLE = 4
@@ -96,7 +95,6 @@ class ImagineClient:
         self.client_name = client_name
         self.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.result_ttl_s)
         self.app = make_celery(settings)
-        self.styles = StyleBook(settings.styles_file, settings.limits)
 
     @staticmethod
     def new_job_id() -> str:

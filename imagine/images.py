@@ -21,6 +21,8 @@ NATIVE_PIXELS = 512 * 512
 """What SD 1.x was trained at: an image given without a size renders at about this many pixels."""
 SIDE_MULTIPLE = 8
 """The VAE halves each side three times: a side must be a multiple of 8."""
+ASPECT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16")
+"""What front ends offer instead of width and height."""
 
 
 class ImageRejected(ValueError):
@@ -105,6 +107,15 @@ def render_size(
             f"but each side must be from {min_side} to {max_side}; crop it closer to square, or give width and height"
         )
     return size
+
+
+def aspect_sizes(min_side: int, max_side: int, max_pixels: int) -> dict[str, tuple[int, int]]:
+    """Each aspect ratio's size for SD 1.x: multiples of 8 near 512² pixels, within the service's limits."""
+    sizes = {}
+    for ratio in ASPECT_RATIOS:
+        width, height = map(int, ratio.split(":"))
+        sizes[ratio] = render_size((width, height), None, None, min_side, max_side, max_pixels)
+    return sizes
 
 
 def resized(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -37,10 +37,6 @@ class ServiceSettings(BaseSettings):
         description="Read prompts with A1111's weights, (word:1.3), and encode them beyond 77 tokens; "
         "false: plain text, cut at 77 tokens.",
     )
-    styles_file: Path = Field(
-        Path("styles.toml"),
-        description="The styles front ends offer (a TOML file; read again when it changes; none when it is absent).",
-    )
     max_queue_length: int = Field(100, ge=1, description="Jobs waiting at once; more are refused as 'queue full'.")
 
     job_time_limit_s: float = Field(600, gt=0, description="A job still rendering after this long is failed.")
@@ -73,3 +69,12 @@ class ServiceSettings(BaseSettings):
         # Must outlast the longest job, or the broker hands a running job to a second worker
         # (celery #5935). Redelivery after a worker died is ours to do (the janitor in worker/liveness.py).
         return int(max(3600, 2 * self.job_time_limit_s))
+
+
+class FrontEndSettings(ServiceSettings):
+    """What every front end (the CLIs, the bot, the web page) reads besides the service's settings."""
+
+    styles_file: Path = Field(
+        Path("styles.toml"),
+        description="The styles front ends offer (a TOML file; read again when it changes; none when it is absent).",
+    )

@@ -1,8 +1,8 @@
 """`make demo`: a running service and its first images, from a fresh clone, in one command.
 
-Starts Redis, a worker and Flower (and the Prometheus exporter), sends three jobs through the queue with
+Starts Redis, a worker, the web page and Flower (and the Prometheus exporter), sends three jobs through the queue with
 the `imagine` CLI as `/imagine` would, writes the images, says where they and Flower are, then stops
-everything; `--keep-running` keeps the service up until Ctrl-C.
+everything; `--keep-running` keeps the service up until Ctrl-C (type prompts in the web page meanwhile).
 
 Offline it serves the built-in `tiny` model, whose random weights draw noise. With BASE_MODEL set, or
 the Hugging Face Hub reachable, it serves that model (SD v1-4 by default) with the Flickr30k adapter
@@ -180,7 +180,7 @@ def run(args) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     redis_server, redis_note = find_redis_server(args.redis)
     base_model, adapter, model_note = choose_model(lora_dir)
-    redis_port, flower_port, metrics_port = free_port(), free_port(5555), free_port(9808)
+    redis_port, flower_port, metrics_port, web_port = free_port(), free_port(5555), free_port(9808), free_port(8080)
     flower_login = f"demo:{secrets.token_urlsafe(9)}"
     env = os.environ | {
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
@@ -188,6 +188,8 @@ def run(args) -> None:
         "DEFAULT_ADAPTER": adapter,
         "LORA_DIR": str(lora_dir),
         "FLOWER_BASIC_AUTH": flower_login,
+        "WEB_HOST": "127.0.0.1",
+        "WEB_PORT": str(web_port),
     }
     print(f"redis: {redis_note}, on port {redis_port}")
     print(model_note, flush=True)
@@ -212,10 +214,13 @@ def run(args) -> None:
             flower = services.start("flower", [*celery, "flower", f"--port={flower_port}", "--address=127.0.0.1"])
             exporter = [str(BIN / "imagine-admin"), "metrics", "--port", str(metrics_port), "--address", "127.0.0.1"]
             metrics = services.start("metrics", exporter)
+            web = services.start("web", [sys.executable, "-m", "web"])
             flower_url, metrics_url = f"http://127.0.0.1:{flower_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+            web_url = f"http://127.0.0.1:{web_port}/"
             print("starting a worker (it loads the model once)...", flush=True)
             services.wait_until("flower", flower, lambda: get(f"{flower_url}/healthcheck"), 60, "Flower starting")
             services.wait_until("metrics", metrics, lambda: get(metrics_url), 30, "the metrics exporter starting")
+            services.wait_until("web", web, lambda: get(f"{web_url}api/config"), 60, "the web page starting")
             load_timeout = 180 if base_model == "tiny" else 3600
             services.wait_until(
                 "worker", worker, lambda: b"imagine_workers_online 1.0" in get(metrics_url), load_timeout, "a worker"
@@ -251,6 +256,7 @@ def run(args) -> None:
                 print("  (noise: the tiny model has random weights; see above for real images)")
             user, password = flower_login.split(":", 1)
             print(f"Flower: {flower_url}  (user {user}, password {password}); it saw {succeeded} jobs succeed")
+            print(f"the web page: {web_url}  (type a prompt there; with --keep-running it stays up)")
             print(f"Prometheus metrics: {metrics_url}")
             print(f"logs: {logs}")
             if args.keep_running:
@@ -261,7 +267,7 @@ def run(args) -> None:
                         time.sleep(3600)
         finally:
             services.stop()
-    print("stopped the worker, Flower, the exporter and Redis")
+    print("stopped the worker, the web page, Flower, the exporter and Redis")
 
 
 def main() -> int:

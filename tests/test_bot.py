@@ -95,7 +95,9 @@ def discord_env(redis_server, model_cache, tmp_path_factory, adapter_weights):
     fake.add_member(ADMIN, role_ids=[ADMIN_ROLE.id])
     styles = logs / "styles.toml"
     styles.write_text('[photo]\ndescription = "A photograph"\nprompt = "a photograph of {prompt}"\n')
-    bot = BotProcess(settings, fake, logs, MAX_PENDING_PER_USER="2", STYLES_FILE=str(styles)).start()
+    bot = BotProcess(
+        settings, fake, logs, MAX_PENDING_PER_USER="2", STYLES_FILE=str(styles), DELIVERY_CLAIM_S="5"
+    ).start()
     bot.styles_file = styles
     yield settings, fake, bot, worker
     bot.stop()
@@ -362,6 +364,7 @@ def test_admin_reload_reaches_the_worker_and_others_are_refused(discord_env):
         ({"seed": -5}, "seed must be an integer from 0 to 4294967295"),
         ({"aspect": "21:9"}, "aspect must be one of 1:1, 4:3, 3:4, 3:2, 2:3, 16:9, 9:16 (got '21:9')"),
         ({"image": ("notes.txt", b"not a picture")}, "image is not a PNG, JPEG or WebP file"),
+        ({"image": ("huge.png", b"x" * (10 * 2**20 + 1))}, "image is 10.0 MiB; at most 10.0 MiB: send a smaller file"),
         ({"image": ("strip.png", photo(1000, 10))}, "image is 1000×10: kept in shape, it would render at 5120×48"),
         ({"image": ("a.png", photo(64, 64)), "strength": 1.5}, "strength must be a number from 0.0 to 1.0"),
         ({"strength": 0.5}, "strength applies to an image to start from"),
@@ -489,7 +492,7 @@ def test_redis_crash_mid_job_users_are_told_and_the_result_still_arrives(model_c
             fake.add_member(user)
         bot.start()
         client = ImagineClient(settings)
-        long_job = {"prompt": "through a Redis crash", "size": "square", "steps": 40, "seed": 3, "adapter": "none"}
+        long_job = {"prompt": "through a Redis crash", "aspect": "1:1", "steps": 40, "seed": 3, "adapter": "none"}
         through_crash = fake.send_slash_command(ALICE, "imagine", long_job)
         job_id = wait_for(lambda: client.store.running_jobs(), 60, "the job to start")[0]
         wait_for(lambda: any(e.type == "step" for _, e in client.store.read_events(job_id)), 60, "a step")
@@ -547,7 +550,7 @@ def test_bot_killed_mid_delivery_delivers_soon_after_restart_and_once(discord_en
     held.release()
     fake.wait_for(lambda: held.abandoned == 1, what="the killed bot's edit to be dropped")
     bot.start()
-    # Its claim on the delivery runs out (DELIVERY_CLAIM_S, 30 s), instead of five minutes.
+    # Its claim on the delivery runs out (DELIVERY_CLAIM_S, 5 s here), instead of five minutes.
     message = final_message(fake, interaction_id)
     assert message["embeds"][0]["description"] == "crash while delivering"
     interaction = fake.interaction(interaction_id)

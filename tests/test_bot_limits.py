@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from bot.limits import LimitReached, UserLimits
 from imagine.client import ImagineClient, TooManyPending
 from imagine.contract import JobRejected
+from imagine.limits import LimitReached, UserLimits
 from tests.helpers import service_settings
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def test_unreadable_delivery_records_are_skipped(redis_server):
     from bot.deliveries import Delivery, DeliveryStore
 
     client = ImagineClient(service_settings(redis_server.url, f"l{uuid.uuid4().hex[:8]}"))
-    deliveries = DeliveryStore(client.records(), ttl_s=60)
+    deliveries = DeliveryStore(client.records(), ttl_s=60, claim_s=30)
     good = Delivery("a" * 32, user_id=1, channel_id=2, application_id=3, interaction_token="t", token_expires_at=0)
     deliveries.save(good)
     deliveries.save(Delivery("b" * 32, 1, 2, 3, "t", 0))

@@ -34,6 +34,7 @@ from imagine.store import JobStore
 from imagine.wire import WorkerStatus
 from tests.helpers import BIN, REPO, free_port, wait_for
 from tests.test_docs import documented_default, settings_by_environment_variable
+from web.settings import WebSettings
 from worker.settings import WorkerSettings
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -43,16 +44,21 @@ SLIM_DOCKERFILE = REPO / "docker" / "bot.Dockerfile"
 REQUIREMENTS_SCRIPT = REPO / "docker" / "project_requirements.py"
 
 # What an operator puts in .env before the first `docker compose up` (.env.example leaves them empty).
-SECRETS = {"REDIS_PASSWORD": "0123456789abcdef", "FLOWER_BASIC_AUTH": "admin:flower-password"}
-SERVICES = {"redis", "worker", "bot", "flower", "metrics", "trainer"}
-LONG_RUNNING = {"redis", "worker", "bot", "flower", "metrics"}
-REDIS_CLIENTS = {"worker", "bot", "flower", "metrics", "trainer"}
+SECRETS = {
+    "REDIS_PASSWORD": "0123456789abcdef",
+    "FLOWER_BASIC_AUTH": "admin:flower-password",
+    "WEB_AUTH": "someone:web-password",
+}
+SERVICES = {"redis", "worker", "bot", "web", "flower", "metrics", "trainer"}
+LONG_RUNNING = {"redis", "worker", "bot", "web", "flower", "metrics"}
+REDIS_CLIENTS = {"worker", "bot", "web", "flower", "metrics", "trainer"}
 GPU_SERVICES = {"worker", "trainer"}
 # The settings class whose environment each service reads. Flower loads the worker's Celery app, but only the
 # queue's settings matter to it.
 SETTINGS = {
     "worker": WorkerSettings,
     "bot": BotSettings,
+    "web": WebSettings,
     "flower": ServiceSettings,
     "metrics": ServiceSettings,
     "trainer": ServiceSettings,
@@ -327,8 +333,18 @@ def test_flower_is_published_behind_basic_auth(compose):
     assert environment(flower)["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
     assert "127.0.0.1:5555/healthcheck" in " ".join(flower["healthcheck"]["test"])
     # Basic auth travels in clear: by default only this box reaches Flower, the exporter and Redis.
-    for name in ("flower", "metrics", "redis"):
+    for name in ("flower", "metrics", "redis", "web"):
         assert all(port.startswith("127.0.0.1:") for port in compose["services"][name]["ports"]), name
+
+
+def test_the_web_page_listens_in_its_container_behind_its_login(compose):
+    web = compose["services"]["web"]
+    assert web["command"] == ["python", "-m", "web"] and importlib.util.find_spec("web.__main__") is not None
+    settings = environment(web)
+    # Every interface inside the container (the port is published on loopback), so the login is required.
+    assert settings["WEB_HOST"] == "0.0.0.0" and settings["WEB_AUTH"] == SECRETS["WEB_AUTH"]
+    assert int(settings["WEB_PORT"]) in container_ports(web)
+    assert "127.0.0.1:8080/healthcheck" in " ".join(web["healthcheck"]["test"])
 
 
 def test_adapters_datasets_and_caches_are_mounted_where_the_services_look(compose):
@@ -370,7 +386,7 @@ def test_long_running_services_restart_and_report_their_health(compose):
             compile(test[3], f"{name} healthcheck", "exec")
     assert "restart" not in services["trainer"], "a failed training run must not start over by itself"
     # Python as PID 1 ignores SIGTERM unless it handles it (Celery's worker does): an init forwards it.
-    for name in ("bot", "flower", "metrics"):
+    for name in ("bot", "web", "flower", "metrics"):
         assert services[name].get("init") is True, name
 
 
@@ -629,6 +645,7 @@ def test_services_use_the_image_made_for_them(compose):
         "worker": "docker/worker.Dockerfile",
         "trainer": "docker/worker.Dockerfile",
         "bot": "docker/bot.Dockerfile",
+        "web": "docker/bot.Dockerfile",
         "flower": "docker/bot.Dockerfile",
         "metrics": "docker/bot.Dockerfile",
     }
@@ -705,7 +722,7 @@ def image_site_packages(dockerfile: Path, folder: Path) -> Path:
     ("dockerfile", "imports"),
     [
         # The bot, every module of it (cogs load after start), and the Celery app Flower loads (`-A worker`).
-        (SLIM_DOCKERFILE, {"packages": ["bot"], "modules": [], "celery_apps": ["worker"]}),
+        (SLIM_DOCKERFILE, {"packages": ["bot", "web"], "modules": [], "celery_apps": ["worker"]}),
         # The worker and the trainer, every module of them; the worker's healthcheck and the CLIs an operator
         # runs with `docker compose exec worker`.
         (

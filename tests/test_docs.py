@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings
 
 from bot.settings import BotSettings
 from tests.helpers import REPO
+from web.settings import WebSettings
 from worker.settings import WorkerSettings
 
 
@@ -40,7 +41,7 @@ def documented_default(field: FieldInfo) -> str | None:
 def test_every_setting_is_in_the_readme_table_with_its_default():
     readme = (REPO / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([A-Z_]+)` \| `?([^`|]*)`? \|", readme, flags=re.MULTILINE))
-    for name, field in settings_by_environment_variable(WorkerSettings, BotSettings).items():
+    for name, field in settings_by_environment_variable(WorkerSettings, BotSettings, WebSettings).items():
         assert name in rows, f"{name} is missing from the README's settings table"
         if documented_default(field) is not None:
             assert rows[name] == documented_default(field), name

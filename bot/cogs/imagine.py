@@ -16,29 +16,19 @@ from imagine.contract import (
     NO_ADAPTER,
     SCHEDULERS,
     JobRejected,
-    Limits,
     default,
     parse_adapter_list,
 )
-from imagine.images import render_size
+from imagine.images import aspect_sizes
+from imagine.styles import StyleBook
 
-ASPECT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16")
 ADAPTER_NAMES_TTL_S = 10.0
-
-
-def aspect_sizes(limits: Limits) -> dict[str, tuple[int, int]]:
-    """Each aspect ratio's size for SD 1.x: multiples of 8 near 512² pixels, within the service's limits."""
-    sizes = {}
-    for ratio in ASPECT_RATIOS:
-        width, height = map(int, ratio.split(":"))
-        sizes[ratio] = render_size((width, height), None, None, limits.min_side, limits.max_side, limits.max_pixels)
-    return sizes
 
 
 def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
     limits = cog.bot.service.settings.limits
     ranges = limits.ranges()
-    sizes = aspect_sizes(limits)
+    sizes = aspect_sizes(limits.min_side, limits.max_side, limits.max_pixels)
     max_steps = ranges["num_inference_steps"][1]
     max_images = ranges["num_images_per_prompt"][1]
     min_guidance, max_guidance = ranges["guidance_scale"]
@@ -131,7 +121,7 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         if style is not None:
             options["style"] = style
         try:
-            options = cog.bot.service.styles.apply(options)
+            options = cog.styles.apply(options)
         except JobRejected as refusal:
             await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
             return
@@ -148,6 +138,7 @@ class ImagineCog(commands.Cog):
         self.bot = bot
         self._adapter_names: list[str] = []
         self._adapter_names_at = 0.0
+        self.styles = StyleBook(bot.settings.styles_file, bot.settings.limits)
         bot.tree.add_command(build_imagine_command(self))
 
     async def cog_unload(self) -> None:
@@ -156,7 +147,7 @@ class ImagineCog(commands.Cog):
     @app_commands.command(name="styles", description="The styles /imagine offers.")
     @app_commands.guild_only()
     async def styles(self, interaction: discord.Interaction) -> None:
-        styles = self.bot.service.styles.styles()
+        styles = self.styles.styles()
         lines = [
             f"**{style.name}**" + (f" — {escape(style.description)}" if style.description else "")
             + f"\n`{style.prompt}`"
@@ -166,7 +157,7 @@ class ImagineCog(commands.Cog):
         await interaction.response.send_message(text[:2000], ephemeral=True)
 
     async def style_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        names = [name for name in self.bot.service.styles.styles() if current.lower() in name.lower()]
+        names = [name for name in self.styles.styles() if current.lower() in name.lower()]
         return [app_commands.Choice(name=name, value=name) for name in names[:25]]
 
     async def adapter_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:

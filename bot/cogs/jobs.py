@@ -22,10 +22,10 @@ from discord.ext import commands
 from bot import messages
 from bot.buttons import Action, JobButton, progress_view, result_view
 from bot.checks import is_admin
-from bot.deliveries import DELIVERY_CLAIM_S, INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
-from bot.limits import UserLimits
+from bot.deliveries import INTERACTION_TOKEN_LIFETIME_S, Delivery, DeliveryStore
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.followups import upscale_options, vary_options
+from imagine.limits import UserLimits
 from imagine.logs import job_context
 from imagine.store import REDIS_UNREACHABLE
 from imagine.wire import TERMINAL_EVENTS, Cancelled, Done, Failed, JobEvent, Queued, Step
@@ -46,7 +46,9 @@ class JobsCog(commands.Cog, name="Jobs"):
         self.bot = bot
         self.service = bot.service
         self.settings = bot.settings
-        self.deliveries = DeliveryStore(self.service.records(), self.service.settings.result_ttl_s)
+        self.deliveries = DeliveryStore(
+            self.service.records(), self.service.settings.result_ttl_s, self.settings.delivery_claim_s
+        )
         self.limits = UserLimits(
             self.service.records(), self.settings.max_pending_per_user, self.settings.user_cooldown_s
         )
@@ -247,7 +249,7 @@ class JobsCog(commands.Cog, name="Jobs"):
 
     async def _renew_claim(self, job_id: str) -> None:
         while True:
-            await asyncio.sleep(DELIVERY_CLAIM_S / 3)
+            await asyncio.sleep(self.deliveries.claim_s / 3)
             with contextlib.suppress(*REDIS_UNREACHABLE):  # the next renewal tries again
                 await asyncio.to_thread(self.deliveries.renew_claim, job_id)
 

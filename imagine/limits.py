@@ -1,9 +1,10 @@
-"""Per-user limits that keep the service usable under load: pending jobs and a cooldown.
+"""Per-user limits that keep the service usable under load: pending jobs and a cooldown, for every front
+end (the bot's users, the web page's browsers).
 
-With at most `MAX_PENDING_PER_USER` jobs each, one user's twenty submissions cannot fill the queue
-ahead of everyone else. The pending count is checked by the service itself, in the same atomic step
-that records the job (`ImagineClient.submit`); the cooldown is the bot's, here. Both live in Redis, so
-a bot restart does not reset them.
+With at most a few jobs each, one user's twenty submissions cannot fill the queue ahead of everyone
+else. The pending count is checked by the service itself, in the same atomic step that records the job
+(`ImagineClient.submit`); the cooldown is the front end's, here. Both live in Redis, so a restart of
+the front end does not reset them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class UserLimits:
         """Passed to `submit`, which counts the user's jobs queued or rendering as it records a new one."""
         self.cooldown_s = cooldown_s
 
-    def admit(self, user_id: int) -> None:
+    def admit(self, user_id: int | str) -> None:
         """Start the user's cooldown, or raise LimitReached saying when to try again."""
         if self.cooldown_s <= 0:
             return
@@ -33,6 +34,6 @@ class UserLimits:
             wait_s = self.records.claimed_for_s("cooldown", str(user_id))
             raise LimitReached(f"Slow down a little: try again in {math.ceil(wait_s)} s.")
 
-    def forgive(self, user_id: int) -> None:
+    def forgive(self, user_id: int | str) -> None:
         """Lift the cooldown of a submission the service refused (a full queue): it did not run."""
         self.records.release("cooldown", str(user_id))

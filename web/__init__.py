@@ -1,0 +1,1 @@
+"""The web page (`python -m web`): the same queue and workers as the bot, through `imagine/`; no torch."""
