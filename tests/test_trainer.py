@@ -95,10 +95,25 @@ def test_training_lowers_the_loss_and_writes_an_adapter_everyone_can_load(flickr
         "adapter_model.safetensors",
         "adapter_config.json",
         "pytorch_lora_weights.safetensors",
+        "flickr30k.safetensors",
         "README.md",
         "training_config.json",
         "metrics.jsonl",
     }
+    # The kohya / A1111 single file loads through diffusers' kohya converter and renders as the diffusers file.
+    from diffusers import StableDiffusionPipeline
+
+    from worker.pipeline import resolve_base_model
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_base_model("tiny", model_cache), safety_checker=None)
+    renders = {}
+    for name in ("flickr30k.safetensors", "pytorch_lora_weights.safetensors"):
+        pipe.load_lora_weights(output, weight_name=name, adapter_name=name.split(".")[0])
+        pipe.set_adapters([name.split(".")[0]])
+        generator = torch.Generator().manual_seed(0)
+        renders[name] = pipe("a dog", num_inference_steps=2, width=64, height=64, generator=generator).images[0]
+    assert renders["flickr30k.safetensors"].tobytes() == renders["pytorch_lora_weights.safetensors"].tobytes()
+    assert "`flickr30k.safetensors` (kohya / A1111" in (output / "README.md").read_text()
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics] == list(range(1, 41))
 

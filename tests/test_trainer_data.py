@@ -65,7 +65,7 @@ def test_metadata_jsonl_layout_and_bad_layouts(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file": "a.png"}\n')
     with pytest.raises(DatasetError, match=r"metadata\.jsonl:1: expected"):
         load_records(tmp_path)
-    with pytest.raises(DatasetError, match="neither Kaggle's Flickr30k layout"):
+    with pytest.raises(DatasetError, match="nowhere is not a folder"):
         load_records(tmp_path / "nowhere")
 
 
@@ -124,3 +124,84 @@ def test_training_array_is_a_normalised_square_crop(tmp_path):
     flipped = to_training_array(image, 64, center_crop=True, flip=True, rng=rng)
     assert np.allclose(flipped, array[:, :, ::-1])
     assert left_edge.shape == (3, 64, 64)
+
+
+def make_download(root) -> None:
+    """Kaggle's zip as it unzips: flickr30k_images/results.csv beside flickr30k_images/flickr30k_images/*.jpg."""
+    make_kaggle_folder(root / "flickr30k_images", nested=True)
+
+
+@pytest.mark.parametrize("given", ["", "flickr30k_images", "flickr30k_images/flickr30k_images"])
+def test_every_layout_of_the_download_is_found(tmp_path, given):
+    make_download(tmp_path)
+    records = load_records(tmp_path / given)  # the download's root, the folder with results.csv, the images
+    assert [record.image_path.name for record in records] == ["1000092795.jpg", "2199200615.jpg", "3000000000.jpg"]
+    assert all(record.image_path.is_file() for record in records)
+
+
+def test_images_beside_the_caption_file_and_a_layout_that_fits_nothing(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "results.csv").write_text(CAPTIONS)
+    for name in ("1000092795.jpg", "2199200615.jpg", "3000000000.jpg"):
+        Image.new("RGB", (120, 90)).save(flat / name)
+    assert len(load_records(flat)) == 3
+    (flat / "1000092795.jpg").unlink()  # the caption file's first image is nowhere
+    with pytest.raises(DatasetError, match=r"names 1000092795\.jpg, but no image folder beside it holds it"):
+        load_records(flat)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match=r"nor one of them up to 2 folders down: give --data the folder that holds"):
+        load_records(empty)
+
+
+def test_images_with_only_empty_captions_are_left_out_and_all_empty_is_refused(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (80, 80)).save(tmp_path / name)
+    lines = [
+        {"file_name": "a.png", "text": "  "},
+        {"file_name": "b.png", "text": "a dog"},
+        {"file_name": "b.png", "text": ""},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert [(record.image_path.name, record.captions) for record in load_records(tmp_path)] == [("b.png", ["a dog"])]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ""}))
+    with pytest.raises(DatasetError, match=r"every caption in .* is empty"):
+        load_records(tmp_path)
+
+
+def test_caption_dropout_and_the_trigger_word(tmp_path):
+    from trainer.train import TrainConfig, TrainingImages
+
+    make_kaggle_folder(tmp_path, nested=False)
+    records = load_records(tmp_path)
+
+    def examples(**options):
+        config = TrainConfig(data=tmp_path, output=tmp_path / "out", max_steps=1, flip=True, **options)
+        images = TrainingImages(records, config, SkipReport())
+        return [images.example(epoch, index) for epoch in range(200) for index in range(len(records))]
+
+    plain, dropped = examples(), examples(caption_dropout=0.25)
+    empty = sum(example.caption == "" for example in dropped)
+    assert 0.2 < empty / len(dropped) < 0.3 and not any(example.caption == "" for example in plain)
+    # Every other draw is as it was without dropout: the same flips, the same captions where kept.
+    assert [example.flip for example in plain] == [example.flip for example in dropped]
+    assert all(a.caption == b.caption for a, b in zip(plain, dropped, strict=True) if b.caption)
+    triggered = examples(trigger_word="flkr")
+    assert [example.caption for example in triggered] == [f"flkr, {example.caption}" for example in plain]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--trigger-word", "flkr\nstyle"], r"--trigger-word must be printable text on one line"),
+        (["--trigger-word", "  "], r"--trigger-word must be printable text on one line"),
+        (["--caption-dropout", "1.0"], r"--caption-dropout must be in \[0, 1\)"),
+        (["--caption-dropout", "-0.1"], r"--caption-dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_caption_options_are_refused_before_any_model_loads(tmp_path, flags, message):
+    from trainer.train import parse_args
+
+    with pytest.raises(ValueError, match=message):
+        parse_args(["--data", str(tmp_path), "--output", str(tmp_path / "loradir" / "x"), "--max-steps", "1", *flags])

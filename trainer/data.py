@@ -1,7 +1,7 @@
-"""Flickr30k as people have it (Kaggle's `results.csv` + `flickr30k_images/`), or a folder of images with
-a `metadata.jsonl` (the diffusers convention), turned into (image, captions) records, a held-out split
-by image, and the reading of one image into a training array (a bad image is skipped and counted, never
-stopping an epoch)."""
+"""Flickr30k as people have it (Kaggle's `results.csv` + `flickr30k_images/`, from the download's root, the
+folder with `results.csv`, or the image folder itself), or a folder of images with a `metadata.jsonl` (the
+diffusers convention), turned into (image, captions) records, a held-out split by image, and the reading
+of one image into a training array (a bad image is skipped and counted, never stopping an epoch)."""
 
 from __future__ import annotations
 
@@ -88,37 +88,83 @@ def read_kaggle_captions(csv_path: Path) -> pd.DataFrame:
     return frame
 
 
-def _find_images_folder(root: Path) -> Path:
-    """`flickr30k_images/`, possibly nested one level deeper (`flickr30k_images/flickr30k_images/`)."""
-    folder = root / KAGGLE_IMAGES
-    nested = folder / KAGGLE_IMAGES
-    return nested if nested.is_dir() else folder
+SEARCH_DEPTH = 2
+"""How many folders down from --data the caption file is looked for (Kaggle's zip nests it one down)."""
+
+
+def find_caption_file(data_dir: Path) -> Path | None:
+    """`results.csv` or `metadata.jsonl` in the folder or up to SEARCH_DEPTH folders below it (the nearest
+    first), or, given the image folder itself, in the folder above it."""
+    candidates = [data_dir]
+    level = [data_dir]
+    for _ in range(SEARCH_DEPTH):
+        level = sorted(child for folder in level for child in folder.iterdir() if child.is_dir())
+        candidates += level
+    candidates.append(data_dir.parent)
+    for folder in candidates:
+        for name in (KAGGLE_CAPTIONS, METADATA):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _find_images_folder(captions: Path, first_image: str) -> Path:
+    """The folder beside the caption file that holds its images: `flickr30k_images/`, the same nested once more
+    (`flickr30k_images/flickr30k_images/`, as the zip has it), or the caption file's own folder."""
+    root = captions.parent
+    tried = [root / KAGGLE_IMAGES / KAGGLE_IMAGES, root / KAGGLE_IMAGES, root]
+    for folder in tried:
+        if (folder / first_image).is_file():
+            return folder
+    raise DatasetError(
+        f"{captions} names {first_image}, but no image folder beside it holds it (looked in "
+        f"{', '.join(str(folder) for folder in tried)}); give --data the folder that holds {KAGGLE_CAPTIONS} "
+        f"and {KAGGLE_IMAGES}/"
+    )
 
 
 def load_records(data_dir: Path) -> list[ImageRecord]:
-    """Every image of the data folder with all its captions, in a stable order."""
-    if (data_dir / KAGGLE_CAPTIONS).is_file():
-        frame = read_kaggle_captions(data_dir / KAGGLE_CAPTIONS)
-        images = _find_images_folder(data_dir)
+    """Every image of the data folder with its non-empty captions, in a stable order. An image whose every
+    caption is empty is left out with a warning (it would teach nothing but the empty prompt)."""
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir} is not a folder: give --data the folder that holds {KAGGLE_CAPTIONS}")
+    captions = find_caption_file(data_dir)
+    if captions is None:
+        raise DatasetError(
+            f"{data_dir} holds neither Kaggle's Flickr30k layout ({KAGGLE_CAPTIONS} + {KAGGLE_IMAGES}/) nor a "
+            f"folder of images with a {METADATA} of {{'file_name', 'text'}} lines, nor one of them up to "
+            f"{SEARCH_DEPTH} folders down: give --data the folder that holds {KAGGLE_CAPTIONS} (or {METADATA})"
+        )
+    if captions != data_dir / captions.name:
+        logger.info("reading %s (found under --data %s)", captions, data_dir)
+    if captions.name == KAGGLE_CAPTIONS:
+        frame = read_kaggle_captions(captions)
+        if frame.empty:
+            raise DatasetError(f"{captions} holds no caption lines")
         grouped = frame.groupby("image_name", sort=True)["comment"].apply(list)
-        return [ImageRecord(images / name, captions) for name, captions in grouped.items()]
-    if (data_dir / METADATA).is_file():
-        captions: dict[str, list[str]] = {}
-        for number, line in enumerate((data_dir / METADATA).read_text().splitlines(), start=1):
+        images = _find_images_folder(captions, str(grouped.index[0]))
+        records = [ImageRecord(images / name, texts) for name, texts in grouped.items()]
+    else:
+        by_image: dict[str, list[str]] = {}
+        for number, line in enumerate(captions.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
-                captions.setdefault(entry["file_name"], []).append(str(entry["text"]))
+                by_image.setdefault(entry["file_name"], []).append(str(entry["text"]))
             except (ValueError, KeyError, TypeError) as error:
-                raise DatasetError(
-                    f"{data_dir / METADATA}:{number}: expected {{'file_name', 'text'}} ({error})"
-                ) from None
-        return [ImageRecord(data_dir / name, texts) for name, texts in sorted(captions.items())]
-    raise DatasetError(
-        f"{data_dir} holds neither Kaggle's Flickr30k layout ({KAGGLE_CAPTIONS} + {KAGGLE_IMAGES}/) nor a folder of "
-        f"images with a {METADATA} of {{'file_name', 'text'}} lines"
-    )
+                raise DatasetError(f"{captions}:{number}: expected {{'file_name', 'text'}} ({error})") from None
+        records = [ImageRecord(captions.parent / name, texts) for name, texts in sorted(by_image.items())]
+    kept = []
+    for record in records:
+        texts = [text.strip() for text in record.captions if text.strip()]
+        if texts:
+            kept.append(ImageRecord(record.image_path, texts))
+    if len(kept) < len(records):
+        logger.warning("%d images have only empty captions and are left out", len(records) - len(kept))
+    if not kept:
+        raise DatasetError(f"every caption in {captions} is empty: there is nothing to learn from")
+    return kept
 
 
 def split_by_image(

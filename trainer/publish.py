@@ -32,6 +32,11 @@ EVALUATION_HEADING = "## Evaluation"
 """The model card's last section, rewritten by `python -m trainer eval`."""
 
 
+def kohya_file_name(adapter: str) -> str:
+    """The single file for A1111 and ComfyUI, named after the adapter: their `<lora:NAME:1>` is its name."""
+    return f"{adapter}.safetensors"
+
+
 def publish(
     config: TrainConfig,
     lora_state,
@@ -48,7 +53,7 @@ def publish(
     from worker.adapters import save_adapter
 
     staging = Path(tempfile.mkdtemp(prefix=f".{config.output.name}.", dir=config.output.parent))
-    save_adapter(staging, lora_state, lora_config)
+    save_adapter(staging, lora_state, lora_config, kohya_file=kohya_file_name(config.output.name))
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
     (staging / "training_config.json").write_text(json.dumps(settings, indent=2))
     shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
@@ -70,10 +75,18 @@ def publish(
         f"{config.lr_warmup_steps} warm-up steps), weight decay {config.weight_decay}",
         f"- resolution {config.resolution}, {crop} crop, flip {config.flip}, mixed precision "
         f"{config.mixed_precision}, seed {config.seed}",
+        f"- captions: one drawn per image and epoch, {config.caption_dropout:.0%} dropped to the empty caption"
+        + (
+            f", each after the trigger word `{config.trigger_word}` (put it in your prompts)"
+            if config.trigger_word
+            else ""
+        ),
         f"- final loss: {final_loss:.5f} (last step); on a fixed batch: see `summary.json`",
         "",
         "Files: `adapter_model.safetensors` + `adapter_config.json` (PEFT: `PeftModel.from_pretrained`),",
-        "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`), `training_config.json`,",
+        "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`),",
+        f"`{kohya_file_name(config.output.name)}` (kohya / A1111: the web UI's and ComfyUI's `models/Lora`), "
+        "`training_config.json`,",
         "`metrics.jsonl` (loss and learning rate per step), `held_out.json` (captions never trained on).",
         "",
         "## Validation",

@@ -558,13 +558,15 @@ def _set_scale(layer, internal_name: str, scale: float, as_tensor: bool) -> None
         layer.scaling[internal_name] = torch.tensor(value, device=weight.device, dtype=weight.dtype)
 
 
-def save_adapter(folder: Path, lora_state: dict[str, torch.Tensor], config) -> None:
-    """Write a UNet LoRA in both layouts the ecosystem loads, side by side in `folder`:
+def save_adapter(folder: Path, lora_state: dict[str, torch.Tensor], config, kohya_file: str | None = None) -> None:
+    """Write a UNet LoRA in the layouts the ecosystem loads, side by side in `folder`:
 
     - PEFT (`adapter_model.safetensors` with `base_model.model.` keys + `adapter_config.json`), which
       `PeftModel.from_pretrained` and the seed project read;
     - diffusers (`pytorch_lora_weights.safetensors`, `unet.` keys, alpha / r folded into the up
-      matrices), which stock `pipe.load_lora_weights` reads.
+      matrices), which stock `pipe.load_lora_weights` reads;
+    - with `kohya_file`, the kohya / A1111 single file (`lora_unet_...` keys with their alphas), which the
+      A1111 web UI and ComfyUI load (a worker reads the PEFT file of the folder and ignores it).
 
     `lora_state` has PEFT's module keys (`...to_q.lora_A.weight`); `config` is the peft LoraConfig.
     """
@@ -579,3 +581,10 @@ def save_adapter(folder: Path, lora_state: dict[str, torch.Tensor], config) -> N
         f"unet.{key}": tensor * scaling if ".lora_B." in key else tensor for key, tensor in tensors.items()
     }
     save_file(diffusers_state, folder / DIFFUSERS_WEIGHTS, {"format": "pt"})
+    if kohya_file is not None:
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        kohya_state = {
+            key: tensor.contiguous() for key, tensor in convert_state_dict_to_kohya(diffusers_state).items()
+        }
+        save_file(kohya_state, folder / kohya_file, {"format": "pt"})
