@@ -54,7 +54,9 @@ def build_parser(settings: FrontEndSettings) -> argparse.ArgumentParser:
         "at the image's aspect ratio, at about 512² pixels.",
     )
     parser.add_argument(
-        "--strength", type=float, help=f"How far to move from --init-image: {span('strength')} (0 keeps it)."
+        "--strength",
+        type=float,
+        help=f"How far to move from --init-image: {span('strength')} (low stays close to it).",
     )
     parser.add_argument(
         "--style", help="A style of STYLES_FILE: its template around the prompt, its defaults (imagine-admin styles)."

@@ -113,7 +113,7 @@ class JobOptions(BaseModel):
     """An image to start from (img2img): the base64 of a PNG, JPEG or WebP file. Without width and height,
     it renders at its own aspect ratio, at about 512² pixels."""
     strength: float = 0.6
-    """How far img2img moves from `image`: 0 keeps it, 1 ignores it."""
+    """How far img2img moves from `image`: low stays close to it, 1 ignores it."""
     style: str | None = None
     """The style the front end applied (`imagine/styles.py`): the prompt is already the one it expanded to."""
     scheduler: str = "default"

@@ -42,6 +42,9 @@ def image_digest(encoded: str) -> str:
 def decode_image(encoded: str, max_bytes: int, max_pixels: int) -> Image.Image:
     """The image of an `image` option, ready to render from: its first frame, turned as its EXIF
     orientation says, in RGB (transparency over white). Raises ImageRejected."""
+    if len(encoded) > (max_bytes + 2) // 3 * 4:  # before decoding it: base64 holds 3 bytes in 4 characters
+        size = len(encoded) * 3 / 4 / 2**20
+        raise ImageRejected(f"image is {size:.1f} MiB; at most {max_bytes / 2**20:.1f} MiB: send a smaller file")
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
@@ -62,19 +65,19 @@ def decode_image(encoded: str, max_bytes: int, max_pixels: int) -> Image.Image:
                 )
             image.seek(0)  # an animated image starts from its first frame
             image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                background = Image.new("RGBA", image.size, "white")
+                return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+            return image.convert("RGB")
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, larger bound
         raise ImageRejected(f"image has far more than {max_pixels} pixels: send a smaller image") from None
     except Image.UnidentifiedImageError:
         raise ImageRejected("image is not a PNG, JPEG or WebP file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except Exception as error:  # a damaged file (its EXIF included) makes Pillow raise anything
         raise ImageRejected(f"image could not be decoded ({error}); it may be truncated or damaged") from None
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGBA", image.size, "white")
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def render_size(
@@ -114,15 +117,19 @@ def aspect_sizes(min_side: int, max_side: int, max_pixels: int) -> dict[str, tup
     sizes = {}
     for ratio in ASPECT_RATIOS:
         width, height = map(int, ratio.split(":"))
-        sizes[ratio] = render_size((width, height), None, None, min_side, max_side, max_pixels)
+        try:
+            sizes[ratio] = render_size((width, height), None, None, min_side, max_side, max_pixels)
+        except ImageRejected:  # a shape this service's limits do not allow: not offered
+            continue
     return sizes
 
 
 def resized(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The image at the size it renders at (stretched where width and height change its shape)."""
+    """The image at the size it renders at; where width and height change its shape, cropped to fill it (from
+    the centre) rather than stretched."""
     if image.size == (width, height):
         return image
-    return image.resize((width, height), Image.Resampling.LANCZOS)
+    return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
 
 
 def _multiple(side: float) -> int:

@@ -7,7 +7,7 @@
     num_inference_steps = 40          # defaults: any job option but prompt and image,
     adapters = [{name = "flickr30k", scale = 0.8}]   # used where the user gave none
 
-A front end applies a style once, to what its user typed (`apply_style`): the job then holds the
+A front end applies a style once, to what its user typed (`StyleBook.apply`): the job then holds the
 prompt it expanded to and the style's name, so the worker, a Reroll or a Vary render the same without
 the file. The file is read again whenever it changes; a file with a mistake leaves the previous
 styles serving, and `error` says what is wrong (`imagine-admin styles`).
@@ -24,12 +24,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from imagine.contract import ADAPTER_NAME_PATTERN, JobOptions, JobRejected, Limits, parse_job_options
+from imagine.prompts import PromptSyntaxError, weighted_fragments
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "{prompt}"
-NOT_DEFAULTS = ("prompt", "negative_prompt", "image", "style", "seed")
-"""Options a style cannot set a default for: its own fields, or what belongs to one job."""
+NOT_DEFAULTS = ("prompt", "negative_prompt", "image", "strength", "style", "seed", "safety_checker")
+"""Options a style cannot set a default for: its own fields, what belongs to one job, and the safety checker
+(which stays as each front end's operator set it)."""
 
 
 class StyleError(ValueError):
@@ -63,6 +65,9 @@ class Style(BaseModel):
         if given.keys() & {"adapter", "adapters", "adapter_scale"}:  # the user's adapters replace the style's
             for key in ("adapter", "adapters", "adapter_scale"):
                 defaults.pop(key, None)
+        if given.get("image") is not None:  # an image keeps its own shape
+            defaults.pop("width", None)
+            defaults.pop("height", None)
         expanded = {**defaults, **given, "style": self.name}
         # str.replace, not str.format: a user's braces are text.
         expanded["prompt"] = self.prompt.replace(PLACEHOLDER, str(options.get("prompt", "")).strip())
@@ -112,6 +117,17 @@ class StyleBook:
         name = options.get("style")
         if name is None:
             return options
+        if not isinstance(name, str):
+            raise JobRejected(f"style must be a style's name (got {name!r})", "style")
+        prompt = options.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise JobRejected("prompt must be a text that is not empty: the style goes around it", "prompt")
+        if self.limits.prompt_weights:  # checked before it goes into the template: positions are the user's
+            for option in ("prompt", "negative_prompt"):
+                try:
+                    weighted_fragments(str(options.get(option) or ""))
+                except PromptSyntaxError as error:
+                    raise JobRejected(f"{option}: {error}", option) from None
         styles = self.styles()
         if name not in styles:
             known = ", ".join(styles) or "none (the service has no styles)"

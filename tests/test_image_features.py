@@ -125,6 +125,18 @@ def test_an_image_renders_at_its_own_aspect_ratio_unless_a_size_is_given():
     assert (again.width, again.height) == (624, 416)
 
 
+def test_a_given_shape_crops_the_image_to_fill_it_and_aspects_fit_the_limits():
+    from imagine.images import aspect_sizes, resized
+
+    wide = Image.new("RGB", (200, 100), "red")
+    wide.paste(Image.new("RGB", (50, 100), "blue"), (0, 0))  # a blue band on the left, cropped away
+    square = resized(wide, 64, 64)
+    red, _, blue = square.getpixel((1, 32))
+    assert square.size == (64, 64) and red > 200 and blue < 40  # the centre, not the squeezed blue band
+    assert set(aspect_sizes(64, 1024, 1024 * 1024)) == {"1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16"}
+    assert aspect_sizes(64, 512, 512 * 512) == {"1:1": (512, 512)}  # the others' long side is over 512
+
+
 def test_jobs_batch_together_only_with_the_same_image_and_strength(renderer):
     def key(**options):
         return renderer.plan(parse_job_options({**JOB, **options}, LIMITS)).batch_key
@@ -260,16 +272,18 @@ def test_a_long_prompt_is_encoded_whole_unless_weights_are_off(renderer, tiny_pi
     assert any("longer than the text encoder's 77 tokens" in warning for warning in cut.warnings)
     assert pixels(cut.images[0]) != pixels(whole.images[0])
     # Off, brackets are plain text: the prompt is not read for weights, and nothing is refused.
-    assert parse_job_options({"prompt": "a smiley :)"}, off).prompt == "a smiley :)"
+    assert parse_job_options({"prompt": "a (smiley"}, off).prompt == "a (smiley"
 
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [
-        ("a (dog on a beach", r"prompt: the '\(' at character 3 is never closed; close it with '\)', or write \\\("),
-        ("a smiley :)", r"prompt: the '\)' at character 11 closes nothing; write \\\) for the character itself"),
+        ("a (dog on a beach", r"prompt: the '\(' at character 3 is never closed; close it with '\)', or write `\\\(`"),
+        ("a dog :1.5) on a beach", r"prompt: the '\)' at character 7 closes nothing; write `\\\(` for a parenthesis"),
         ("a (dog] on a beach", r"prompt: the '\]' at character 7 closes the '\(' at character 3, which needs '\)'"),
         ("a (dog:25) on a beach", r"prompt: the weight 25 at character 7 must be from 0 to 10"),
+        ("((a dog:5):3)", r"prompt: the weights around character 11 multiply to 15; at most 10"),
+        ("a <lora:style:0.8> dog", r"prompt: the <lora:style:0.8> at character 3 is A1111's way to add an adapter"),
         ("()", r"prompt: nothing is left to draw once its weights are read"),
     ],
 )
@@ -292,3 +306,5 @@ def test_weights_read_as_a1111_reads_them():
         (" (x)", 1.0),
     ]
     assert weighted_fragments("((big)) house, time: 10:30") == [("big", 1.1 * 1.1), (" house, time: 10:30", 1.0)]
+    # A bracket that closes nothing is text, and so are smileys, as in A1111.
+    assert weighted_fragments("a cat :) and a dog) ;(") == [("a cat :) and a dog) ;(", 1.0)]

@@ -178,7 +178,7 @@ def test_redis_crash_mid_job_loses_neither_the_render_nor_the_worker(tmp_path, s
 def test_a_stream_of_jobs_through_workers_killed_again_and_again_delivers_each_once(redis_server, start_worker):
     """SIGKILL whichever of two workers is rendering, again and again; every job still ends done, once.
     IMAGINE_STREAM_JOBS and IMAGINE_STREAM_KILLS make it a longer run (docs/reliability.md)."""
-    jobs, kills = int(os.environ.get("IMAGINE_STREAM_JOBS", 8)), int(os.environ.get("IMAGINE_STREAM_KILLS", 2))
+    jobs, kills = int(os.environ.get("IMAGINE_STREAM_JOBS", 6)), int(os.environ.get("IMAGINE_STREAM_KILLS", 2))
     settings = service_settings(redis_server.url, f"t{uuid.uuid4().hex[:8]}", max_job_attempts=kills + 2)
     workers = [start_worker(settings, name=name) for name in ("left", "right")]
     client = ImagineClient(settings)

@@ -5,6 +5,7 @@ it. The browser test keeps a screenshot in test-artifacts/."""
 from __future__ import annotations
 
 import base64
+import http.client
 import http.cookiejar
 import json
 import shutil
@@ -154,6 +155,7 @@ def test_a_job_through_the_api_streams_its_progress_and_its_followups_work(web):
         ({"prompt": "x", "style": "noir"}, "style 'noir' is not a style of this service"),
         ({"prompt": "a (dog"}, "prompt: the '(' at character 3 is never closed"),
         ({"prompt": "x", "colour": "red"}, "unknown option 'colour'"),
+        ({"prompt": "x", "safety_checker": False}, "safety_checker cannot be set from the web page"),
     ],
 )
 def test_bad_options_are_refused_with_the_contracts_message(web, options, message):
@@ -171,7 +173,9 @@ def test_per_browser_limits_cancel_rights_and_the_operators_login(web):
         assert [status for status, _ in queued] == [200, 200, 400]
         assert "You already have 2 jobs queued or rendering" in queued[2][1]["error"]
         first = queued[0][1]["job_id"]
-        assert stranger.call("POST", f"/api/jobs/{first}/cancel")[0] == 403
+        # Another browser can neither cancel it nor read it, nor let its result go.
+        for method, path in (("POST", "cancel"), ("GET", "result"), ("POST", "delivered"), ("GET", "events")):
+            assert stranger.call(method, f"/api/jobs/{first}/{path}", {} if method == "POST" else None)[0] == 404
         assert owner.call("POST", f"/api/jobs/{first}/cancel") == (200, {"outcome": "cancelled"})
     finally:
         free_worker(settings, busy)
@@ -182,6 +186,28 @@ def test_per_browser_limits_cancel_rights_and_the_operators_login(web):
     assert status == 200 and "workers online:  1" in tables["queue"] and "flickr30k (default)" in tables["adapters"]
     status, reload = Browser(process.url, OPERATOR).call("POST", "/api/admin/reload", {"adapter": "flickr30k"})
     assert status == 200 and reload["ok"] and worker.name in reload["table"]
+
+
+def test_oversized_bodies_and_followups_of_images_the_job_lacks_are_refused(web):
+    _, _, process = web
+    browser = Browser(process.url)
+    # Refused by its declared length, before a byte of it is read (the answer comes while it would still send).
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.putrequest("POST", "/api/jobs")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(10 * 2**20 * 4 // 3 + 128 * 1024))
+    connection.endheaders()
+    answer = connection.getresponse()
+    assert answer.status == 413 and "send a smaller image" in json.loads(answer.read())["error"]
+    connection.close()
+    status, job = browser.call("POST", "/api/jobs", {"options": {"prompt": "a dog", **SMALL}})
+    assert browser.events(job["job_id"])[-1][0] == "done"
+    for index in (1, -1, True):
+        status, answer = browser.call(
+            "POST", f"/api/jobs/{job['job_id']}/followup", {"action": "vary", "index": index}
+        )
+        assert status == 400 and "with the image's index (0 to 0)" in answer["error"]
+    assert browser.call("GET", "/api/jobs/not-a-job/result")[0] == 404
 
 
 def test_it_refuses_to_listen_beyond_loopback_without_a_login(web):

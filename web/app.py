@@ -13,6 +13,7 @@ declared inside `create_app`) as real objects.
 import asyncio
 import base64
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +42,11 @@ STATIC = Path(__file__).parent / "static"
 BROWSER_COOKIE = "imagine_browser"
 POLL_S = 0.25
 FOLLOWUPS = ("reroll", "vary", "upscale", "subtle", "strong")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+NOT_FROM_THE_PAGE = ("safety_checker",)
+"""Options a browser may not set: the safety checker stays as the workers' operator set it."""
+BODY_MARGIN = 64 * 1024
+"""What a request body may hold besides an image (as base64): the options, JSON's punctuation."""
 
 
 def create_app(settings: WebSettings, client: ImagineClient | None = None) -> FastAPI:
@@ -51,10 +57,10 @@ def create_app(settings: WebSettings, client: ImagineClient | None = None) -> Fa
     basic = HTTPBasic(auto_error=False)
 
     def login(credentials: HTTPBasicCredentials | None, expected) -> None:
-        user, _, password = expected.get_secret_value().partition(":")
+        user, _, password = expected.get_secret_value().encode().partition(b":")
         given = (credentials.username, credentials.password) if credentials else ("", "")
         # compare_digest on both, always: the time taken says nothing about which was wrong.
-        if not (secrets.compare_digest(given[0], user) & secrets.compare_digest(given[1], password)):
+        if not (secrets.compare_digest(given[0].encode(), user) & secrets.compare_digest(given[1].encode(), password)):
             raise HTTPException(401, "log in", headers={"WWW-Authenticate": 'Basic realm="imagine"'})
 
     Credentials = Annotated[HTTPBasicCredentials | None, Depends(basic)]
@@ -73,6 +79,13 @@ def create_app(settings: WebSettings, client: ImagineClient | None = None) -> Fa
     Browser = Annotated[str, Depends(user)]
     Operator = Annotated[None, Depends(operator)]
 
+    async def own_job(job_id: str, browser: str):
+        """The job's record, when this browser started it; 404 otherwise (another browser's, the bot's)."""
+        record = await asyncio.to_thread(client.job, job_id) if JOB_ID.match(job_id) else None
+        if record is None or record.owner != f"web:{browser}":
+            raise HTTPException(404, "no such job of this browser (or it has expired)")
+        return record
+
     @app.exception_handler(JobRejected)
     async def refused(request: Request, refusal: JobRejected) -> JSONResponse:
         return JSONResponse({"error": str(refusal), "option": refusal.option}, status_code=400)
@@ -82,6 +95,20 @@ def create_app(settings: WebSettings, client: ImagineClient | None = None) -> Fa
     async def unreachable(request: Request, error: Exception) -> JSONResponse:
         logger.warning("Redis is not answering: %s", error)
         return JSONResponse({"error": "The service's queue is not answering; try again in a moment."}, 503)
+
+    max_body = settings.limits.max_image_bytes * 4 // 3 + BODY_MARGIN
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        """A body is refused by its declared length before it is read (FastAPI reads it before any login
+        check): an image as large as MAX_IMAGE_BYTES allows, and the options."""
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return JSONResponse({"error": "send the request's Content-Length"}, 411)
+            if int(length) > max_body:
+                return JSONResponse({"error": f"the request is over {max_body} bytes: send a smaller image"}, 413)
+        return await call_next(request)
 
     @app.middleware("http")
     async def browser_cookie(request: Request, call_next):
@@ -156,18 +183,22 @@ def create_app(settings: WebSettings, client: ImagineClient | None = None) -> Fa
         options = body.get("options")
         if not isinstance(options, dict):
             raise JobRejected('the request must be {"options": {...}} with the job\'s options')
+        for name in NOT_FROM_THE_PAGE:
+            if name in options:
+                raise JobRejected(f"{name} cannot be set from the web page", name)
         return await submit(browser, await asyncio.to_thread(styles.apply, options))
 
     @app.post("/api/jobs/{job_id}/followup")
     async def followup(job_id: str, body: dict[str, Any], browser: Browser) -> dict[str, Any]:
         """Reroll, Variations, Upscale or Vary of a result, as the bot's buttons do: `action`, the image's
         `index`, and for Upscale and Vary the image itself (the browser keeps it; the service let it go)."""
+        record = await own_job(job_id, browser)
         action, index = body.get("action"), body.get("index", 0)
-        if action not in FOLLOWUPS or not isinstance(index, int) or index < 0:
-            raise JobRejected(f"action must be one of {', '.join(FOLLOWUPS)}, with the image's index")
-        record = await asyncio.to_thread(client.job, job_id)
-        if record is None:
-            raise JobRejected("This job is too old; start a new one.")
+        count = record.options.get("num_images_per_prompt", 1)
+        if action not in FOLLOWUPS or type(index) is not int or not 0 <= index < count:
+            raise JobRejected(
+                f"action must be one of {', '.join(FOLLOWUPS)}, with the image's index (0 to {count - 1})"
+            )
         options = dict(record.options)
         if action == "reroll":
             options["seed"] = None
@@ -184,6 +215,7 @@ def create_app(settings: WebSettings, client: ImagineClient | None = None) -> Fa
     @app.get("/api/jobs/{job_id}/events")
     async def events(job_id: str, request: Request, browser: Browser) -> EventSourceResponse:
         """The job's events as server-sent events, from the first, until its last (done, failed, cancelled)."""
+        await own_job(job_id, browser)
         follower = client.follower(job_id)
 
         async def stream():
@@ -203,6 +235,7 @@ def create_app(settings: WebSettings, client: ImagineClient | None = None) -> Fa
 
     @app.get("/api/jobs/{job_id}/result")
     async def result(job_id: str, browser: Browser) -> dict[str, Any]:
+        await own_job(job_id, browser)
         found = await asyncio.to_thread(client.result, job_id)
         if found is None:
             raise HTTPException(404, "no result: the job has not finished, or its result was delivered or expired")
@@ -215,13 +248,12 @@ def create_app(settings: WebSettings, client: ImagineClient | None = None) -> Fa
     @app.post("/api/jobs/{job_id}/delivered")
     async def delivered(job_id: str, browser: Browser) -> dict[str, bool]:
         """The browser has the result: the service may let it go."""
+        await own_job(job_id, browser)
         return {"confirmed": await asyncio.to_thread(client.confirm_delivery, job_id)}
 
     @app.post("/api/jobs/{job_id}/cancel")
     async def cancel(job_id: str, browser: Browser) -> dict[str, str]:
-        record = await asyncio.to_thread(client.job, job_id)
-        if record is None or record.owner != f"web:{browser}":
-            raise HTTPException(403, "only the browser that started a job can cancel it")
+        await own_job(job_id, browser)
         return {"outcome": await asyncio.to_thread(client.cancel, job_id)}
 
     @app.get("/api/admin/status")

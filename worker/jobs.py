@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagine.contract import JobOptions, JobRejected, parse_job_options
+from imagine.images import image_digest
 from imagine.logs import job_context
 from imagine.queue import RefusedMessage, task_id
 from imagine.store import (
@@ -395,6 +396,12 @@ class JobRunner:
         try:
             record = self.store.get(job_id)
             if record is None:
+                return None
+            # Parsing decodes a job's image: only one that could share the lead's call (the same image) is.
+            image, lead_image = record.options.get("image"), lead_plan.batch_key.init_image
+            if (image is None) != (lead_image is None) or (
+                image is not None and (not isinstance(image, str) or image_digest(image) != lead_image)
+            ):
                 return None
             options = parse_job_options(record.options, self.settings.limits)
             if options.num_images_per_prompt > room:

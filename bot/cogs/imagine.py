@@ -52,7 +52,7 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
         scheduler="Sampler (default: the model's own).",
         image="An image to start from (PNG, JPEG or WebP): the prompt redraws it.",
         style="A style: a template around your prompt, with its own defaults (/styles lists them).",
-        strength=f"How far to move from the image, 0 to 1 (default {default('strength')}): 0 keeps it.",
+        strength=f"How far to move from the image, 0 to 1 (default {default('strength')}): low stays close to it.",
     )
     @app_commands.choices(
         aspect=[app_commands.Choice(name=f"{ratio} ({w}×{h})", value=ratio) for ratio, (w, h) in sizes.items()],

@@ -40,8 +40,11 @@ function option(select, value, label) {
 }
 
 async function loadConfig() {
-  config = await (await fetch("/api/config")).json();
-  for (const style of config.styles) option($("style"), style.name, style.description ? `${style.name}: ${style.description}` : style.name);
+  const answer = await fetch("/api/config");
+  if (!answer.ok) throw new Error(`the server answered ${answer.status}`);
+  const loaded = await answer.json();
+  for (const style of loaded.styles) option($("style"), style.name, style.description ? `${style.name}: ${style.description}` : style.name);
+  config = loaded;
   for (const [ratio, [width, height]] of Object.entries(config.aspects)) option($("aspect"), ratio, `${ratio} (${width}×${height})`);
   for (const name of config.schedulers) option($("scheduler"), name);
   const [low, high] = config.ranges.num_images_per_prompt;
@@ -93,8 +96,9 @@ async function readOptions() {
     }
     options.image = await readFile(file);
   }
-  // An aspect ratio sets the size, unless width and height are typed; with an image, its own shape.
-  if (!("width" in options) && !("height" in options) && (!file || $("aspect").dataset.chosen)) {
+  // A chosen aspect ratio sets the size, unless width or height is typed; else the style's, the image's own
+  // shape, or the service's default.
+  if (!("width" in options) && !("height" in options) && $("aspect").value) {
     [options.width, options.height] = config.aspects[$("aspect").value];
   }
   const rows = [...document.querySelectorAll(".adapter-row")];
@@ -148,7 +152,12 @@ function follow(jobId, prompt, submitted) {
   $("running").prepend(card);
 
   const events = new EventSource(`/api/jobs/${jobId}/events`);
-  const end = (text) => { events.close(); setPending(jobId, null); status.textContent = text; cancel.remove(); };
+  // The job is forgotten only once its outcome is kept: a reload before that follows it again.
+  const end = (text, keep = false) => { events.close(); if (!keep) setPending(jobId, null); status.textContent = text; cancel.remove(); };
+  events.onerror = () => {
+    // The browser retries a dropped stream by itself; a refused one (an expired job) it gives up on.
+    if (events.readyState === EventSource.CLOSED) end("The service no longer knows this job (expired?).");
+  };
   events.addEventListener("queued", (e) => {
     const event = JSON.parse(e.data);
     status.textContent = `Queued: position ${event.position ?? "?"}${event.message ? ". " + event.message : ""}`;
@@ -163,12 +172,13 @@ function follow(jobId, prompt, submitted) {
     }
   });
   events.addEventListener("done", async () => {
-    end("Done");
+    end("Done: fetching the images…", true);
     try {
       const answer = await fetch(`/api/jobs/${jobId}/result`);
       if (!answer.ok) throw new Error((await answer.json()).detail);
       const result = {job_id: jobId, at: Date.now(), ...(await answer.json())};
       await store("readwrite", (results) => results.put(result));
+      setPending(jobId, null);
       await post(`/api/jobs/${jobId}/delivered`, {});
       card.remove();
       $("gallery").prepend(resultCard(result));
@@ -235,11 +245,12 @@ async function loadGallery() {
 }
 
 window.addEventListener("DOMContentLoaded", async () => {
-  await loadConfig();
-  $("aspect").addEventListener("change", () => { $("aspect").dataset.chosen = "1"; });
-  $("add-adapter").addEventListener("click", addAdapterRow);
   $("job").addEventListener("submit", async (event) => {
     event.preventDefault();
+    if (!config) {
+      showError("The page could not load the service's options; reload it in a moment.");
+      return;
+    }
     let options;
     try {
       options = await readOptions();
@@ -249,6 +260,12 @@ window.addEventListener("DOMContentLoaded", async () => {
     }
     submit("/api/jobs", {options}, options.prompt);
   });
+  $("add-adapter").addEventListener("click", () => config && addAdapterRow());
+  try {
+    await loadConfig();
+  } catch (error) {
+    showError(`The service is not answering (${error.message}); reload the page in a moment.`);
+  }
   await loadGallery();
   for (const [jobId, prompt] of Object.entries(pending())) follow(jobId, prompt, null);
   document.body.dataset.ready = "1";
