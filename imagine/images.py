@@ -66,6 +66,8 @@ def decode_image(encoded: str, max_bytes: int, max_pixels: int) -> Image.Image:
             image.seek(0)  # an animated image starts from its first frame
             image.load()
             image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # 16- or 32-bit grey: to 8 bits, not clipped to white
+                image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 background = Image.new("RGBA", image.size, "white")
                 return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")

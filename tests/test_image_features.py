@@ -179,6 +179,9 @@ def test_an_image_is_decoded_as_its_viewer_shows_it():
     assert decoded(_turned_jpeg()).size == (32, 64)  # turned as its EXIF says
     assert decoded(_transparent_png()).getpixel((0, 0)) == (255, 255, 255)  # transparency over white
     assert decoded(photo(64, 64, "WEBP")).mode == "RGB"
+    grey16 = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 40 * 256, np.uint16)).save(grey16, format="PNG")
+    assert decoded(grey16.getvalue()).getpixel((5, 5)) == (40, 40, 40)  # 16 bits to 8, not clipped to white
 
 
 def _bomb(side: int) -> bytes:
