@@ -229,7 +229,10 @@ def test_reroll_and_delete_buttons_and_a_strangers_click(discord_env):
 def test_an_attached_image_then_upscale_and_vary_buttons(discord_env):
     _, fake, _, _ = discord_env
     options = {"prompt": "a dog", "image": ("dog.png", photo(64, 64)), "strength": 0.5, **SMALL}
-    first = final_message(fake, fake.send_slash_command(ALICE, "imagine", options))
+    submitted = fake.send_slash_command(ALICE, "imagine", options)
+    first = final_message(fake, submitted)
+    # Answered "thinking" at once while the image is fetched and checked, then the placeholder becomes the job.
+    assert [callback["type"] for callback in fake.interaction(submitted).callbacks] == [5]
     fields = {f["name"]: f["value"] for f in first["embeds"][0]["fields"]}
     assert fields["Size"] == "512×512" and "at strength 0.5" in fields["Started from"]  # at about 512² pixels
     custom_ids = {c["label"]: c["custom_id"] for row in first["components"] for c in row["components"]}
@@ -382,8 +385,14 @@ def test_each_bad_option_gets_an_ephemeral_message(discord_env, options, message
     # Discord's client would refuse most of these; a modified client or an API call would not.
     interaction_id = fake.send_slash_command(ALICE, "imagine", {"prompt": "x", **options}, check=False)
     assert message in ephemeral_reply(fake, interaction_id)
-    (callback,) = fake.interaction(interaction_id).callbacks  # no deferral: nothing was queued
-    assert callback["data"]["flags"] & EPHEMERAL
+    interaction = fake.interaction(interaction_id)
+    (callback,) = interaction.callbacks
+    if "image" in options and "huge" not in options["image"][0]:
+        # An image is fetched and checked after a public "thinking" answer, which its refusal replaces.
+        assert callback["type"] == 5
+        fake.wait_for(lambda: interaction.deleted_original, what="the placeholder to be deleted")
+    else:
+        assert callback["data"]["flags"] & EPHEMERAL  # no deferral: nothing was queued
 
 
 def test_per_user_limit_and_queue_cap_refuse_politely(discord_env):

@@ -96,39 +96,39 @@ def build_imagine_command(cog: "ImagineCog") -> app_commands.Command:
                 )
                 return
             options["width"], options["height"] = sizes[aspect]
-        if image is not None:
-            if image.size > limits.max_image_bytes:  # refused before it is downloaded
-                await interaction.response.send_message(
-                    f"⚠️ image is {image.size / 2**20:.1f} MiB; at most {limits.max_image_bytes / 2**20:.1f} MiB: "
-                    "send a smaller file",
-                    ephemeral=True,
-                )
-                return
-            try:
-                options["image"] = await image.read()  # the contract checks what it is
-            except discord.HTTPException as error:
-                await interaction.response.send_message(
-                    f"⚠️ the image could not be downloaded from Discord ({error.status}); attach it again",
-                    ephemeral=True,
-                )
-                return
+        if image is not None and image.size > limits.max_image_bytes:  # refused before it is downloaded
+            await interaction.response.send_message(
+                f"⚠️ image is {image.size / 2**20:.1f} MiB; at most {limits.max_image_bytes / 2**20:.1f} MiB: "
+                "send a smaller file",
+                ephemeral=True,
+            )
+            return
+        jobs = cog.bot.get_cog("Jobs")
         if loras is not None:
             try:
                 options["adapters"] = parse_adapter_list(loras)
             except JobRejected as refusal:
                 await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
                 return
+        if image is not None:
+            # Fetching and checking up to MAX_IMAGE_BYTES may outlast Discord's 3 s to answer: say "thinking".
+            await interaction.response.defer(thinking=True)
+            try:
+                options["image"] = await image.read()  # the contract checks what it is
+            except discord.HTTPException as error:
+                await jobs.refuse(interaction, f"the image could not be downloaded from Discord ({error.status})")
+                return
         if style is not None:
             options["style"] = style
         try:
             options = cog.styles.apply(options)
         except JobRejected as refusal:
-            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
+            await jobs.refuse(interaction, str(refusal))
             return
         nsfw = isinstance(interaction.channel, discord.abc.GuildChannel) and interaction.channel.is_nsfw()
         if nsfw and cog.bot.settings.allow_unfiltered_nsfw:
             options["safety_checker"] = False
-        await cog.bot.get_cog("Jobs").submit(interaction, options)
+        await jobs.submit(interaction, options)
 
     return imagine
 

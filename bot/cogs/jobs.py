@@ -86,7 +86,8 @@ class JobsCog(commands.Cog, name="Jobs"):
 
         The job is recorded (with the queue cap and the user's pending limit checked in the same atomic
         step) before the interaction is answered, so that a refusal is always the first answer, and
-        ephemeral: only the requester sees it, however many submissions of theirs race."""
+        ephemeral: only the requester sees it, however many submissions of theirs race. (A job with an
+        image to fetch is answered "thinking" first: its refusal then replaces that.)"""
         user_id = interaction.user.id
         limited = not (self.settings.admins_exempt_from_limits and is_admin(interaction, self.settings))
         try:
@@ -95,7 +96,7 @@ class JobsCog(commands.Cog, name="Jobs"):
             if limited:
                 await asyncio.to_thread(self.limits.admit, user_id)
         except JobRejected as refusal:
-            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
+            await self.refuse(interaction, str(refusal))
             return
         delivery = Delivery(
             job_id=self.service.new_job_id(),
@@ -120,21 +121,34 @@ class JobsCog(commands.Cog, name="Jobs"):
             await asyncio.to_thread(self.deliveries.remove, delivery.job_id)
             if max_pending is not None:
                 await asyncio.to_thread(self.limits.forgive, interaction.user.id)
-            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
+            await self.refuse(interaction, str(refusal))
             return
         logger.info("job %s submitted by user %s", job.job_id, interaction.user.id)
+        text = messages.progress_text(checked.prompt, Queued(position=job.position))
+        view = progress_view(job.job_id, delivery.user_id)
         try:
-            await interaction.response.send_message(
-                messages.progress_text(checked.prompt, Queued(position=job.position)),
-                view=progress_view(job.job_id, delivery.user_id),
-            )
-            delivery.message_id = (await interaction.original_response()).id
+            if interaction.response.is_done():  # deferred ("thinking") while its image was fetched and checked
+                message = await interaction.edit_original_response(content=text, view=view)
+            else:
+                await interaction.response.send_message(text, view=view)
+                message = await interaction.original_response()
+            delivery.message_id = message.id
             await asyncio.to_thread(self.deliveries.save, delivery)
         except discord.HTTPException as error:
             logger.warning(
                 "job %s: no message to edit (%s); the result will go to the channel", job.job_id, error.status
             )
         self.follow(delivery)
+
+    async def refuse(self, interaction: discord.Interaction, reason: str) -> None:
+        """A refusal only its user sees: the first answer, or, after a deferral, in place of the public
+        "thinking" placeholder, which goes."""
+        if interaction.response.is_done():
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.delete_original_response()
+            await interaction.followup.send(f"⚠️ {reason}", ephemeral=True)
+        else:
+            await interaction.response.send_message(f"⚠️ {reason}", ephemeral=True)
 
     # Following -------------------------------------------------------------------------------
 
@@ -362,21 +376,21 @@ class JobsCog(commands.Cog, name="Jobs"):
         image is gone or cannot be upscaled."""
         prefix = f"{button.job_id}-{button.index}-"  # JobResult.file_name
         attachment = next((a for a in interaction.message.attachments if a.filename.startswith(prefix)), None)
-        try:
-            png = await attachment.read() if attachment is not None else None
-        except discord.HTTPException:
-            png = None
-        if png is None:
-            await interaction.response.send_message(
-                "This image is no longer on the message; use /imagine again.", ephemeral=True
-            )
+        if attachment is None:
+            await self.refuse(interaction, "This image is no longer on the message; use /imagine again.")
             return None
-        if button.action is not Action.UPSCALE:
-            return vary_options(options, png, str(button.action))
+        await interaction.response.defer(thinking=True)  # fetching and checking it may outlast Discord's 3 s
         try:
+            png = await attachment.read()
+        except discord.HTTPException as error:
+            await self.refuse(interaction, f"the image could not be downloaded from Discord ({error.status})")
+            return None
+        try:
+            if button.action is not Action.UPSCALE:
+                return vary_options(options, png, str(button.action))
             return upscale_options(options, png, options["seed"] + button.index, self.service.settings.limits)
         except JobRejected as refusal:
-            await interaction.response.send_message(f"⚠️ {refusal}", ephemeral=True)
+            await self.refuse(interaction, str(refusal))
             return None
 
 
