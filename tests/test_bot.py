@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from bot.deliveries import DeliveryStore
 from imagine.client import ImagineClient
 from tests.fake_discord import FakeDiscord, FakeRole, FakeUser
 from tests.helpers import (
@@ -325,11 +326,15 @@ def test_bot_restarted_mid_job_delivers_the_result_once(discord_env):
     interaction_id = fake.send_slash_command(BOB, "imagine", {"prompt": "survives a restart", **SMALL})
     interaction = fake.interaction(interaction_id)
     fake.wait_for(lambda: "Queued" in (interaction.original or {}).get("content", ""), what="the job to be queued")
+    client = ImagineClient(settings, client_name="discord")
+    job_id = job_of(interaction.original)
+    # Killed once it has noted which message shows the job (killed before that, it posts the result in the
+    # channel instead, as the token-expiry test shows): the message is what this test follows.
+    deliveries = DeliveryStore(client.records(), ttl_s=60, claim_s=30)
+    wait_for(lambda: deliveries.get(job_id).message_id is not None, 10, "the bot to note the job's message")
     bot.kill()
     syncs = fake.sync_calls
     wait_idle(settings, busy)
-    client = ImagineClient(settings, client_name="discord")
-    job_id = job_of(interaction.original)
     wait_for(lambda: client.job(job_id).state == "done", 60, "the job to finish while the bot is down")
     assert client.result(job_id) is not None  # kept for the bot
     bot.start()
