@@ -236,6 +236,29 @@ class WorkerProcess(ServiceProcess):
         return status is not None and status.heartbeat_at > self._started_at
 
 
+BUSY = {"prompt": "keeps the worker busy", "width": 512, "height": 512, "num_inference_steps": 60, "adapter": "none"}
+"""A job long enough on the tiny model that what is queued behind it waits; cancel it to let them run."""
+
+
+def occupy_worker(settings: ServiceSettings) -> str:
+    """Submit BUSY and wait until a worker renders it; its job id."""
+    from imagine.client import ImagineClient
+
+    client = ImagineClient(settings)
+    job = client.submit(BUSY)
+    wait_for(lambda: client.job(job.job_id).state == "running", 30, "the worker to be busy")
+    return job.job_id
+
+
+def free_worker(settings: ServiceSettings, job_id: str) -> None:
+    """Cancel the busy job and wait until it has ended."""
+    from imagine.client import ImagineClient
+
+    client = ImagineClient(settings)
+    client.cancel(job_id)
+    wait_for(lambda: client.job(job_id).state in ("done", "cancelled", "failed"), 60, "the busy job to end")
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
 

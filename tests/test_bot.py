@@ -18,6 +18,8 @@ from tests.fake_discord import FakeDiscord, FakeRole, FakeUser
 from tests.helpers import (
     RedisServer,
     ServiceProcess,
+    free_worker,
+    occupy_worker,
     photo,
     pixels,
     png_size,
@@ -35,7 +37,6 @@ ADMIN = FakeUser(id=1009, name="admin")
 ADMIN_ROLE = FakeRole(id=5005, name="image-admins")
 EPHEMERAL = 64
 SMALL = {"steps": 3, "seed": 7}
-BUSY = {"prompt": "keeps the worker busy", "width": 512, "height": 512, "num_inference_steps": 40, "adapter": "none"}
 
 
 class BotProcess(ServiceProcess):
@@ -139,19 +140,6 @@ def ephemeral_reply(fake: FakeDiscord, interaction_id: str) -> str:
         return None
 
     return fake.wait_for(reply, timeout=30, what="an ephemeral reply")
-
-
-def occupy_worker(settings) -> str:
-    client = ImagineClient(settings)
-    job = client.submit(BUSY)
-    wait_for(lambda: client.job(job.job_id).state == "running", 30, "the worker to be busy")
-    return job.job_id
-
-
-def wait_idle(settings, job_id: str) -> None:
-    client = ImagineClient(settings)
-    client.cancel(job_id)
-    wait_for(lambda: client.job(job_id).state in ("done", "cancelled", "failed"), 60, "the busy job to end")
 
 
 IMAGE_BUTTONS = [("Upscale", ""), ("Vary", " (subtle)"), ("Vary", " (strong)"), ("Variations of", "")]
@@ -291,7 +279,7 @@ def test_cancel_while_queued_and_a_strangers_cancel(discord_env):
     owner = fake.click_button(CAROL, queued, cancel_id)
     assert ephemeral_reply(fake, owner) == "Cancelled."
     fake.wait_for(lambda: "Cancelled." in interaction.original["content"], what="the message to say cancelled")
-    wait_idle(settings, busy)
+    free_worker(settings, busy)
 
 
 def test_result_after_the_token_expired_is_posted_in_the_channel(discord_env):
@@ -303,7 +291,7 @@ def test_result_after_the_token_expired_is_posted_in_the_channel(discord_env):
     fake.expire_interaction(interaction_id)
     fake.set_bot_may_post(fake.channel_id, False)  # an admin took Send Messages away meanwhile
     try:
-        wait_idle(settings, busy)
+        free_worker(settings, busy)
         fake.wait_for(lambda: fake.refused_posts >= 2, timeout=60, what="the bot to try, and try again")
     finally:
         fake.set_bot_may_post(fake.channel_id, True)  # ...and gives it back: the bot delivers, no restart needed
@@ -334,7 +322,7 @@ def test_bot_restarted_mid_job_delivers_the_result_once(discord_env):
     wait_for(lambda: deliveries.get(job_id).message_id is not None, 10, "the bot to note the job's message")
     bot.kill()
     syncs = fake.sync_calls
-    wait_idle(settings, busy)
+    free_worker(settings, busy)
     wait_for(lambda: client.job(job_id).state == "done", 60, "the job to finish while the bot is down")
     assert client.result(job_id) is not None  # kept for the bot
     bot.start()
@@ -422,7 +410,7 @@ def test_per_user_limit_and_queue_cap_refuse_politely(discord_env):
     assert "The queue is full (4 jobs waiting); try again in a few minutes." in ephemeral_reply(fake, full)
     for job in filler:
         client.cancel(job.job_id)
-    wait_idle(settings, busy)
+    free_worker(settings, busy)
     for interaction_id in (first, second):
         final_message(fake, interaction_id)
 
@@ -437,7 +425,7 @@ def test_racing_submissions_of_one_user_are_refused_for_that_user_only(discord_e
     assert len(refused) == 1 and "You already have 2 jobs queued or rendering" in refused[0]["data"]["content"]
     queued = [i for i, answer in zip(racing, answers, strict=True) if answer not in refused]
     assert len(queued) == 2
-    wait_idle(settings, busy)
+    free_worker(settings, busy)
     for interaction_id in queued:
         final_message(fake, interaction_id)
     seen_by_all = [fake.interaction(i).original for i in racing] + fake.channel_messages(fake.channel_id)

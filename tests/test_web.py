@@ -16,14 +16,12 @@ import urllib.request
 
 import pytest
 
-from imagine.client import ImagineClient
-from tests.helpers import REPO, ServiceProcess, free_port, png_size, wait_for
+from tests.helpers import REPO, ServiceProcess, free_port, free_worker, occupy_worker, png_size
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OPERATOR = ("operator", "correct horse")
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
-BUSY = {"prompt": "keeps the worker busy", "width": 512, "height": 512, "num_inference_steps": 60, "adapter": "none"}
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -106,19 +104,6 @@ def web(shared_service, tmp_path_factory):
     ).start()
     yield settings, worker, process
     process.stop()
-
-
-def occupy_worker(settings) -> str:
-    client = ImagineClient(settings)
-    job = client.submit(BUSY)
-    wait_for(lambda: client.job(job.job_id).state == "running", 30, "the worker to be busy")
-    return job.job_id
-
-
-def free_worker(settings, job_id: str) -> None:
-    client = ImagineClient(settings)
-    client.cancel(job_id)
-    wait_for(lambda: client.job(job_id).state in ("done", "cancelled", "failed"), 60, "the busy job to end")
 
 
 def test_a_job_through_the_api_streams_its_progress_and_its_followups_work(web):
