@@ -6,6 +6,7 @@ render as typed and ping no one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import discord
@@ -88,8 +89,12 @@ def preview_file(png: bytes) -> discord.File:
 
 
 async def reply_privately(interaction: discord.Interaction, text: str, **options) -> None:
-    """An ephemeral answer, whether or not the interaction was answered already."""
+    """An ephemeral answer, whether or not the interaction was answered already. Answered with a public
+    "thinking" placeholder (a deferral), the answer replaces it: the placeholder goes."""
     if interaction.response.is_done():
+        if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.delete_original_response()
         await interaction.followup.send(text, ephemeral=True, **options)
     else:
         await interaction.response.send_message(text, ephemeral=True, **options)

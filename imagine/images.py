@@ -68,10 +68,7 @@ def decode_image(encoded: str, max_bytes: int, max_pixels: int) -> Image.Image:
             image = ImageOps.exif_transpose(image)
             if image.mode.startswith("I"):  # 16- or 32-bit grey: to 8 bits, not clipped to white
                 image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                background = Image.new("RGBA", image.size, "white")
-                return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-            return image.convert("RGB")
+            return to_rgb(image)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, larger bound
@@ -80,6 +77,14 @@ def decode_image(encoded: str, max_bytes: int, max_pixels: int) -> Image.Image:
         raise ImageRejected("image is not a PNG, JPEG or WebP file") from None
     except Exception as error:  # a damaged file (its EXIF included) makes Pillow raise anything
         raise ImageRejected(f"image could not be decoded ({error}); it may be truncated or damaged") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB; transparent pixels onto white (their stored colour is arbitrary, often black)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, "white")
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def render_size(

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from imagine.images import to_rgb
+
 logger = logging.getLogger(__name__)
 
 KAGGLE_CAPTIONS = "results.csv"
@@ -186,13 +188,7 @@ def open_rgb(path: Path, report: SkipReport) -> Image.Image | None:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                # Transparent pixels onto white: their stored colour is arbitrary, often black.
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                converted = Image.alpha_composite(background, rgba).convert("RGB")
-            else:
-                converted = image.convert("RGB")
+            converted = to_rgb(image)
     except FileNotFoundError:
         report.skip("missing", path)
         return None

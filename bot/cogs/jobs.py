@@ -141,14 +141,8 @@ class JobsCog(commands.Cog, name="Jobs"):
         self.follow(delivery)
 
     async def refuse(self, interaction: discord.Interaction, reason: str) -> None:
-        """A refusal only its user sees: the first answer, or, after a deferral, in place of the public
-        "thinking" placeholder, which goes."""
-        if interaction.response.is_done():
-            with contextlib.suppress(discord.HTTPException):
-                await interaction.delete_original_response()
-            await interaction.followup.send(f"⚠️ {reason}", ephemeral=True)
-        else:
-            await interaction.response.send_message(f"⚠️ {reason}", ephemeral=True)
+        """A refusal only its user sees: the first answer, or in place of a deferral's "thinking"."""
+        await messages.reply_privately(interaction, f"⚠️ {reason}")
 
     # Following -------------------------------------------------------------------------------
 
