@@ -322,6 +322,9 @@ def test_cached_and_uncached_training_give_the_same_losses(flickr, model_cache, 
     assert runs["first"][1]["cache_misses"] > 0
     cached = runs["cached"][1]
     assert cached["cache_misses"] == 0 and cached["cache_hits"] > 0  # the second run only reads
+    # ...and trains without the VAE and the text encoder, loaded for the final validation grid only.
+    assert cached["encoders_loaded"] == ["vae for validation", "text_encoder for validation"]
+    assert "vae for training" in runs["first"][1]["encoders_loaded"]
     assert any(path.name.endswith("-flip.safetensors") for path in cache.rglob("latent-*"))
     for name in ("first", "cached"):
         assert runs[name][0] == pytest.approx(runs["uncached"][0], abs=1e-5)
@@ -351,6 +354,157 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(flickr, mod
     assert "checkpoint-1" in done.stdout and "try a lower --learning-rate" in done.stdout
     assert not output.exists()  # nothing half-trained is published
     assert (output.parent / ".exploding.training" / "checkpoints" / "checkpoint-1").is_dir()
+
+
+def test_data_that_leaves_nothing_to_train_and_targets_that_match_nothing_are_refused(flickr, model_cache, tmp_path):
+    common = ["--data", str(flickr), "--output", str(tmp_path / "loradir" / "x"), "--max-steps", "2"]
+    # Every picture (96x80) would be enlarged 1.6 times to fill its 128x128 bucket: none is left.
+    enlarged = run_trainer(
+        *common,
+        *TRAIN[:2],
+        "--resolution",
+        "128",
+        "--buckets",
+        "--bucket-step",
+        "32",
+        "--bucket-max-upscale",
+        "1.2",
+        model_cache=model_cache,
+    )
+    assert enlarged.returncode == 2, enlarged.stdout + enlarged.stderr
+    assert (
+        f"trainer: no usable training image in {flickr} (7 images skipped: 6 upscaled more than 1.2x"
+        in enlarged.stdout
+    )
+    typo = run_trainer(*common, *TRAIN, "--target-modules", "to_q,to_qq", model_cache=model_cache)
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "trainer: --target-modules: to_qq name(s) no module of the UNet" in typo.stdout
+    assert not (tmp_path / "loradir" / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def mixed_aspects(tmp_path_factory):
+    """Nine pictures, landscape (4:3, as most of Flickr30k), portrait and square, in the metadata.jsonl layout."""
+    root = tmp_path_factory.mktemp("mixed-aspects")
+    lines = []
+    for index in range(9):
+        size = [(200, 150), (150, 200), (130, 130)][index % 3]
+        Image.new("RGB", size, (25 * index, 120, 200 - 20 * index)).save(root / f"{index}.jpg")
+        lines.append(json.dumps({"file_name": f"{index}.jpg", "text": f"a picture number {index}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+BUCKETED = ["--base-model", "tiny", "--resolution", "128", "--buckets", "--bucket-step", "32", "--batch-size", "2"]
+BUCKETED += ["--learning-rate", "1e-3", "--lr-scheduler", "constant", "--holdout-fraction", "0"]
+BUCKETED += ["--validation-every", "0", "--validation-steps", "1"]
+
+
+def test_bucketed_training_resumes_exactly_and_keeps_a_square_validation_grid(mixed_aspects, model_cache, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--data", str(mixed_aspects), *BUCKETED, "--cache-dir", str(cache)]
+    straight = tmp_path / "a" / "straight"
+    done = run_trainer(*common, "--output", str(straight), "--max-steps", "8", model_cache=model_cache)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "buckets (width x height: images): 96x160: 3, 128x128: 3, 160x96: 3" in done.stdout
+    assert {path.name for path in cache.rglob("latent-0*")} == {"latent-0-160x96.safetensors"}  # keyed per bucket
+    with Image.open(straight / "validation.png") as grid:
+        assert grid.size == (4 * 256, 2 * 256)  # square, whatever the buckets
+
+    # Four steps, then four more resumed from its checkpoint: the weights of the eight straight steps.
+    resumed = tmp_path / "b" / "resumed"
+    first = run_trainer(
+        *common, "--output", str(resumed), "--max-steps", "4", "--validation-size", "160x96", model_cache=model_cache
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    with Image.open(resumed / "validation.png") as grid:
+        assert grid.size == (4 * 256, 2 * 154)  # as asked: 160x96 cells, 256 px wide
+    rest = run_trainer(
+        *common, "--output", str(resumed), "--max-steps", "8", "--resume", "latest", model_cache=model_cache
+    )
+    assert rest.returncode == 0 and "at step 4" in rest.stdout, rest.stdout + rest.stderr
+    one, other = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert one.keys() == other.keys()
+    for key in one:
+        assert torch.allclose(one[key], other[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("network", ["lora", "dora"])
+def test_convolutions_and_a_text_encoder_trained_serve_alike_from_every_file(flickr, model_cache, tmp_path, network):
+    """LoCon-like targets (the ResNet convolutions too) and a text encoder LoRA, as LoRA and as DoRA: the worker
+    renders what stock diffusers renders from the diffusers file, and for LoRA from the kohya / A1111 file."""
+    from diffusers import StableDiffusionPipeline
+
+    from worker.adapters import AdapterRegistry
+    from worker.pipeline import choose_placement, load_pipeline, resolve_base_model
+
+    output = tmp_path / "loradir" / network
+    dora = ["--use-dora"] if network == "dora" else []
+    done = run_trainer(
+        "--data",
+        str(flickr),
+        "--output",
+        str(output),
+        "--max-steps",
+        "6",
+        *TRAIN[:4],
+        "--learning-rate",
+        "1e-2",
+        *dora,
+        "--target-modules",
+        "locon",
+        "--train-text-encoder",
+        "--text-encoder-lr",
+        "5e-3",
+        "--validation-every",
+        "0",
+        "--validation-steps",
+        "1",
+        model_cache=model_cache,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    card = (output / "README.md").read_text()
+    assert ("DoRA (weight-decomposed LoRA)" in card) == bool(dora) and "`--target-modules locon`" in card
+    assert "text encoder's k_proj, out_proj, q_proj, v_proj (learning rate 0.005)" in card
+    unet_state = load_file(output / "adapter_model.safetensors")
+    text_state = load_file(output / "text_encoder" / "adapter_model.safetensors")
+    assert any(key.endswith(".conv1.lora_A.weight") for key in unet_state)
+    assert any(key.endswith(".q_proj.lora_B.weight") for key in text_state)
+    magnitudes = [key for key in (*unet_state, *text_state) if key.endswith("lora_magnitude_vector")]
+    lora_a = [key for key in (*unet_state, *text_state) if key.endswith(".lora_A.weight")]
+    assert len(magnitudes) == (len(lora_a) if dora else 0)
+
+    def render(pipe) -> bytes:
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a picture", num_inference_steps=2, width=64, height=64, generator=generator).images[0].tobytes()
+
+    served = load_pipeline("tiny", choose_placement("cpu", "float32"), model_cache, safety_checker=False)
+    base = render(served)
+    registry = AdapterRegistry(served, output.parent)
+    info = registry.load(network)
+    assert info.layout == "peft" and info.modules == len(lora_a)
+    registry.activate(((network, 1.0),))
+    by_worker = render(served)
+    assert by_worker != base
+
+    def stock(weight_name: str):
+        pipe = StableDiffusionPipeline.from_pretrained(resolve_base_model("tiny", model_cache), safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(output, weight_name=weight_name)
+        return pipe
+
+    assert render(stock("pytorch_lora_weights.safetensors")) == by_worker
+    kohya = load_file(output / f"{network}.safetensors")
+    if dora:
+        # One LyCORIS dora_scale per module (diffusers' kohya loader drops them, so only their form is checked).
+        scales = {key: tensor for key, tensor in kohya.items() if key.endswith(".dora_scale")}
+        assert len(scales) == len(lora_a)
+        assert kohya["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"].shape == (32, 1, 1, 1)
+        assert all(tensor.shape[1:] in ((1,), (1, 1, 1)) for tensor in scales.values())
+    else:
+        assert render(stock(f"{network}.safetensors")) == by_worker
+    # The text encoder's modules under the names A1111 gives them in SD 1.x files.
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kohya
 
 
 @pytest.fixture(scope="module")

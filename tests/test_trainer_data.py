@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -117,11 +118,11 @@ def test_training_array_is_a_normalised_square_crop(tmp_path):
     image = Image.new("RGB", (300, 150), (255, 0, 0))
     image.paste((0, 0, 255), (0, 0, 150, 150))  # left half blue
     rng = random.Random(0)
-    array = to_training_array(image, 64, center_crop=True, flip=False, rng=rng)
+    array = to_training_array(image, (64, 64), center_crop=True, flip=False, rng=rng)
     assert array.shape == (3, 64, 64) and array.dtype == np.float32
     assert array.min() >= -1.0 and array.max() <= 1.0
-    left_edge = to_training_array(image, 64, center_crop=False, flip=False, rng=random.Random(1))
-    flipped = to_training_array(image, 64, center_crop=True, flip=True, rng=rng)
+    left_edge = to_training_array(image, (64, 64), center_crop=False, flip=False, rng=random.Random(1))
+    flipped = to_training_array(image, (64, 64), center_crop=True, flip=True, rng=rng)
     assert np.allclose(flipped, array[:, :, ::-1])
     assert left_edge.shape == (3, 64, 64)
 
@@ -171,7 +172,8 @@ def test_images_with_only_empty_captions_are_left_out_and_all_empty_is_refused(t
 
 
 def test_caption_dropout_and_the_trigger_word(tmp_path):
-    from trainer.train import TrainConfig, TrainingImages
+    from trainer.batches import TrainingImages
+    from trainer.train import TrainConfig
 
     make_kaggle_folder(tmp_path, nested=False)
     records = load_records(tmp_path)
@@ -198,10 +200,92 @@ def test_caption_dropout_and_the_trigger_word(tmp_path):
         (["--trigger-word", "  "], r"--trigger-word must be printable text on one line"),
         (["--caption-dropout", "1.0"], r"--caption-dropout must be in \[0, 1\)"),
         (["--caption-dropout", "-0.1"], r"--caption-dropout must be in \[0, 1\)"),
+        (["--buckets", "--bucket-step", "12"], r"--bucket-step must be a multiple of 8"),
+        (["--buckets", "--bucket-max-upscale", "0.5"], r"--bucket-max-upscale must be at least 1"),
+        (["--validation-size", "640x7"], r"--validation-size must be WIDTHxHEIGHT"),
+        (["--target-modules", "to_q;rm -rf"], r"--target-modules must be a preset \(attention, attention-ff, locon\)"),
+        (["--text-encoder-lr", "1e-5"], r"--text-encoder-lr is the text encoder LoRA's: add --train-text-encoder"),
+        (["--log-every", "0"], r"--log-every must be at least 1"),
+        pytest.param(
+            ["--report-to", "wandb"],
+            r"--report-to wandb needs Weights & Biases: pip install wandb",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here"),
+        ),
     ],
 )
-def test_bad_caption_options_are_refused_before_any_model_loads(tmp_path, flags, message):
+def test_bad_options_are_refused_before_any_model_loads(tmp_path, flags, message):
     from trainer.train import parse_args
 
     with pytest.raises(ValueError, match=message):
         parse_args(["--data", str(tmp_path), "--output", str(tmp_path / "loradir" / "x"), "--max-steps", "1", *flags])
+
+
+def bucketed_images(tmp_path, sizes, **options):
+    """TrainingImages over one image of each size, with buckets at 128 px in steps of 32."""
+    from trainer.batches import TrainingImages
+    from trainer.data import ImageRecord
+    from trainer.train import TrainConfig
+
+    records = []
+    for index, size in enumerate(sizes):
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", size, (10 * index, 100, 200)).save(path)
+        records.append(ImageRecord(path, [f"image {index}"]))
+    config = TrainConfig(
+        data=tmp_path, output=tmp_path / "out", max_steps=1, resolution=128, buckets=True, bucket_step=32, **options
+    )
+    report = SkipReport()
+    return TrainingImages(records, config, report), report
+
+
+def test_buckets_keep_each_image_near_its_aspect_ratio_and_never_upscale_past_the_limit(tmp_path):
+    from trainer.batches import bucket_sizes
+
+    for width, height in bucket_sizes(512, 64):
+        assert width % 64 == 0 and height % 64 == 0 and width * height <= 512 * 512
+        assert width * height >= 0.8 * 512 * 512  # about the training resolution's area
+    assert {(640, 384), (576, 448), (512, 512), (448, 576), (384, 640)} <= set(bucket_sizes(512, 64))
+
+    # Flickr30k's usual landscape (500x375, 4:3) and portrait photos, a square one, a small one.
+    images, report = bucketed_images(tmp_path, [(200, 150), (150, 200), (130, 130), (70, 70)])
+    assert images.sizes == [(160, 96), (96, 160), (128, 128), (128, 128)]
+    example = images.example(0, 0)
+    assert images.pixels(example).shape == (3, 96, 160)  # channels, height, width
+    assert images.latent_name(example) == "latent-0-160x96"  # the cache holds one entry per bucket
+    assert images.latent_name(images.example(0, 2)) == "latent-2"
+
+    # 70 px would be enlarged 1.83 times to 128: allowed by default (2), skipped and counted at 1.5.
+    images, report = bucketed_images(tmp_path, [(200, 150), (70, 70)], bucket_max_upscale=1.5)
+    assert len(images) == 1 and report.counts == {"upscaled more than 1.5x to fit its bucket": 1}
+
+
+def test_every_batch_comes_from_one_bucket_and_every_image_trains_once_per_epoch(tmp_path):
+    from trainer.batches import BatchPlan
+
+    sizes = [(200, 150)] * 5 + [(150, 200)] * 4 + [(130, 130)] * 3
+    images, _ = bucketed_images(tmp_path, sizes)
+    plan = BatchPlan(images, seed=0, batch_size=2, buckets=True)
+    assert plan.batches_per_epoch == 3 + 2 + 2  # 5, 4 and 3 images in batches of 2
+    for epoch in range(3):
+        batches = [plan.batch(g) for g in range(epoch * 7, (epoch + 1) * 7)]
+        assert all(len({images.sizes[index] for _, index, _ in batch}) == 1 for batch in batches)
+        assert sorted(index for batch in batches for _, index, _ in batch) == list(range(12))
+        assert {e for batch in batches for e, _, _ in batch} == {epoch}
+    # A function of the seed and the position alone (what an exact resume needs), reshuffled every epoch.
+    again = BatchPlan(images, seed=0, batch_size=2, buckets=True)
+    assert [again.batch(g) for g in range(14)] == [plan.batch(g) for g in range(14)]
+    assert [[i for _, i, _ in plan.batch(g)] for g in range(7)] != [
+        [i for _, i, _ in plan.batch(g)] for g in range(7, 14)
+    ]
+    assert plan.steps(epochs=2, examples_per_step=4) == 2 * 4  # 7 batches of 2 per epoch, 4 examples a step
+
+
+def test_a_bucket_smaller_than_a_batch_joins_its_nearest_neighbour_and_says_so(tmp_path):
+    images, _ = bucketed_images(tmp_path, [(200, 150)] * 3 + [(150, 200)] + [(130, 130)] * 2)
+    notes = images.merge_small_buckets(batch_size=2)
+    assert notes == [
+        "bucket 96x160 holds 1 image(s) (3.png), fewer than --batch-size 2: trained in bucket 128x128 instead"
+    ]
+    assert {size: len(members) for size, members in images.buckets().items()} == {(160, 96): 3, (128, 128): 3}
+    with pytest.raises(ValueError, match="no aspect-ratio bucket holds a whole batch"):
+        images.merge_small_buckets(batch_size=4)

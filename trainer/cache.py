@@ -1,6 +1,7 @@
 """A disk cache of what the frozen encoders compute: each image's latent distribution (and its mirror
-image's, when flipping) and each caption's text embeddings. Computed once, reused across epochs and
-runs; keyed by the data, the model and the image transform, so a change to any of them starts afresh.
+image's, when flipping; one per aspect-ratio bucket) and each caption's text embeddings. Computed once,
+reused across epochs and runs; keyed by the data, the model and the image transform, so a change to any
+of them starts afresh.
 
 The latent *distribution* is cached, not one sample of it, so a cached run draws the very same
 latents, from the same generator, as an uncached one.
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 
 def cache_key(**parts) -> str:
@@ -34,30 +37,43 @@ def data_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:
 
 
 class EncodingCache:
+    """Entries are read in the DataLoader's workers and written by the training process, which counts both."""
+
     def __init__(self, root: Path, key: str) -> None:
         self.folder = root / key
         self.folder.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
         self.read_s = self.compute_s = 0.0
 
-    def get(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        path = self.folder / f"{name}.safetensors"
-        if path.is_file():
-            started = time.perf_counter()
-            tensor = load_file(path)["value"]
-            self.read_s += time.perf_counter() - started
-            self.hits += 1
-            return tensor
-        started = time.perf_counter()
-        tensor = compute().detach().to("cpu").contiguous()
-        self.compute_s += time.perf_counter() - started
-        self.misses += 1
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def read(self, name: str) -> torch.Tensor | None:
+        """The entry, or None when it is missing or unreadable (it is then computed and written again)."""
+        try:
+            return load_file(self._path(name))["value"]
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, OSError, KeyError) as error:
+            logger.warning("encoder cache entry %s is unreadable (%s): encoding it again", self._path(name), error)
+            return None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
         # Written under a temporary name and renamed: a reader never sees half a file.
         handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         os.close(handle)
-        save_file({"value": tensor}, temporary)
-        os.replace(temporary, path)
-        return tensor
+        save_file({"value": tensor.detach().to("cpu").contiguous()}, temporary)
+        os.replace(temporary, self._path(name))
+
+    def missing(self, names: set[str]) -> list[str]:
+        present = {path.name.removesuffix(".safetensors") for path in self.folder.glob("*.safetensors")}
+        return sorted(names - present)
+
+    def count(self, hits: int, misses: int, read_s: float = 0.0, compute_s: float = 0.0) -> None:
+        self.hits += hits
+        self.misses += misses
+        self.read_s += read_s
+        self.compute_s += compute_s
 
     def report(self) -> dict[str, float]:
         return {

@@ -205,20 +205,22 @@ def open_rgb(path: Path, report: SkipReport) -> Image.Image | None:
     return converted
 
 
-def to_training_array(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
-    """Resize the short side to `resolution`, crop a square (centre or random), maybe mirror it, and
-    scale to [-1, 1] as a CHW float32 array."""
+def to_training_array(image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random):
+    """Resize the image to cover `size` (width, height) keeping its aspect ratio, crop that (centre or
+    random), maybe mirror it, and scale to [-1, 1] as a CHW float32 array."""
+    target_width, target_height = size
     width, height = image.size
-    scale = resolution / min(width, height)
+    scale = max(target_width / width, target_height / height)
     resized = image.resize(
-        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.Resampling.BICUBIC
+        (max(target_width, round(width * scale)), max(target_height, round(height * scale))),
+        Image.Resampling.BICUBIC,
     )
     width, height = resized.size
     if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
+        left, top = (width - target_width) // 2, (height - target_height) // 2
     else:
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, width - target_width), rng.randint(0, height - target_height)
+    cropped = resized.crop((left, top, left + target_width, top + target_height))
     if flip:
         cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,13 +37,22 @@ def kohya_file_name(adapter: str) -> str:
     return f"{adapter}.safetensors"
 
 
+@dataclass
+class TrainedAdapter:
+    """What a run trained: the UNet's LoRA (PEFT keys and config) and, if trained, the text encoder's."""
+
+    unet_state: dict
+    unet_config: object
+    text_encoder_state: dict | None
+    text_encoder_config: object | None
+    parameters: int
+
+
 def publish(
     config: TrainConfig,
-    lora_state,
-    lora_config,
+    trained: TrainedAdapter,
     final_loss: float,
     steps: int,
-    trainable: int,
     work: Path,
     report: SkipReport,
     validation_grid: Path | None,
@@ -53,7 +62,14 @@ def publish(
     from worker.adapters import save_adapter
 
     staging = Path(tempfile.mkdtemp(prefix=f".{config.output.name}.", dir=config.output.parent))
-    save_adapter(staging, lora_state, lora_config, kohya_file=kohya_file_name(config.output.name))
+    save_adapter(
+        staging,
+        trained.unet_state,
+        trained.unet_config,
+        kohya_file=kohya_file_name(config.output.name),
+        text_encoder_state=trained.text_encoder_state,
+        text_encoder_config=trained.text_encoder_config,
+    )
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
     (staging / "training_config.json").write_text(json.dumps(settings, indent=2))
     shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
@@ -62,19 +78,31 @@ def publish(
     if validation_grid is not None:
         shutil.copy(validation_grid, staging / VALIDATION_GRID)
     crop = "centre" if config.center_crop else "random"
+    lora_config = trained.unet_config
+    network = "DoRA (weight-decomposed LoRA)" if lora_config.use_dora else "LoRA"
     targets = ", ".join(sorted(lora_config.target_modules))
+    text_encoder = (
+        f"; and on the text encoder's {', '.join(sorted(trained.text_encoder_config.target_modules))} "
+        f"(learning rate {config.text_encoder_lr or config.learning_rate})"
+        if trained.text_encoder_config is not None
+        else "; the text encoder is not adapted"
+    )
+    images = (
+        f"aspect-ratio buckets of about {config.resolution}² px (sides in multiples of {config.bucket_step})"
+        if config.buckets
+        else f"resolution {config.resolution}, {crop} crop"
+    )
     card = [
         f"# LoRA adapter `{config.output.name}`",
         "",
         f"- base model: `{config.base_model}`",
         f"- data: `{config.data}` ({report.summary()})",
         f"- steps: {steps}, batch size {config.batch_size} × {config.gradient_accumulation_steps} accumulation",
-        f"- LoRA: rank {lora_config.r}, alpha {lora_config.lora_alpha}, on {targets} of the UNet "
-        f"({trainable:,} parameters)",
+        f"- {network}: rank {lora_config.r}, alpha {lora_config.lora_alpha}, on the UNet's {targets} "
+        f"(`--target-modules {config.target_modules}`){text_encoder}; {trained.parameters:,} parameters",
         f"- optimizer: AdamW, learning rate {config.learning_rate} ({config.lr_scheduler}, "
         f"{config.lr_warmup_steps} warm-up steps), weight decay {config.weight_decay}",
-        f"- resolution {config.resolution}, {crop} crop, flip {config.flip}, mixed precision "
-        f"{config.mixed_precision}, seed {config.seed}",
+        f"- {images}, flip {config.flip}, mixed precision {config.mixed_precision}, seed {config.seed}",
         f"- captions: one drawn per image and epoch, {config.caption_dropout:.0%} dropped to the empty caption"
         + (
             f", each after the trigger word `{config.trigger_word}` (put it in your prompts)"
@@ -83,10 +111,17 @@ def publish(
         ),
         f"- final loss: {final_loss:.5f} (last step); on a fixed batch: see `summary.json`",
         "",
-        "Files: `adapter_model.safetensors` + `adapter_config.json` (PEFT: `PeftModel.from_pretrained`),",
+        "Files: `adapter_model.safetensors` + `adapter_config.json` (PEFT: `PeftModel.from_pretrained`; the text "
+        "encoder's in `text_encoder/` when trained),",
         "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`),",
-        f"`{kohya_file_name(config.output.name)}` (kohya / A1111: the web UI's and ComfyUI's `models/Lora`), "
-        "`training_config.json`,",
+        f"`{kohya_file_name(config.output.name)}` (kohya / A1111: the web UI's and ComfyUI's `models/Lora`"
+        + (
+            "; DoRA's magnitudes in it as LyCORIS' `dora_scale`, which diffusers' kohya loader drops: in diffusers, "
+            "load the diffusers file"
+            if lora_config.use_dora
+            else ""
+        )
+        + "), `training_config.json`,",
         "`metrics.jsonl` (loss and learning rate per step), `held_out.json` (captions never trained on).",
         "",
         "## Validation",

@@ -1,26 +1,29 @@
-"""`python -m trainer train`: LoRA on SD v1-4's UNet attention projections, everything else frozen.
+"""`python -m trainer train`: LoRA on SD v1-4's UNet attention projections (or, by option, more of the
+UNet, DoRA, and the text encoder too), everything else frozen.
 
 One readable, linear script in the manner of diffusers' `train_text_to_image_lora.py`: arguments and
 their checks, then loading, the loop, checkpoints, and publishing the adapter into LORA_DIR.
 
 Every random choice (the order of images, the caption drawn, the crop, the flip, the noise and the
-timesteps) is a function of the seed and the step alone, so a run resumed from a checkpoint makes
-exactly the draws the uninterrupted run would have made, and ends on the same weights.
+timesteps) is a function of the seed and the step alone (`batches.py`), so a run resumed from a
+checkpoint makes exactly the draws the uninterrupted run would have made, and ends on the same weights.
+The GPU is kept busy: batches are prepared ahead by DataLoader workers, only what the encoder cache lacks
+is encoded, and the loss is read back only every --log-every steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
+import importlib.util
 import json
 import logging
 import math
-import random
+import os
+import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +31,39 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from trainer.batches import BatchPlan, LatentSpace, MicroBatches, TrainingImages, text_name, with_trigger_word
 from trainer.cache import EncodingCache, cache_key, data_fingerprint
-from trainer.data import (
-    SkipReport,
-    load_records,
-    open_rgb,
-    split_by_image,
-    to_training_array,
-)
-from trainer.publish import HELD_OUT, notify_workers, publish
+from trainer.data import SkipReport, load_records, split_by_image
+from trainer.publish import HELD_OUT, TrainedAdapter, notify_workers, publish
 
 logger = logging.getLogger(__name__)
 
-TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+TARGET_PRESETS = {
+    "attention": ATTENTION,
+    # The transformer blocks whole: their attention, the feed-forward layers and the projections around them.
+    "attention-ff": (*ATTENTION, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    # LyCORIS' LoCon: the transformer blocks and the ResNet blocks' convolutions (and resampling ones).
+    "locon": (
+        *ATTENTION,
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_in",
+        "proj_out",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+        "conv",
+    ),
+}
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+"""CLIP's attention projections, as diffusers' own scripts adapt them."""
 CHECKPOINTS = "checkpoints"
 LORA_FILE = "lora.safetensors"
 """A checkpoint's LoRA weights, in PEFT's module naming."""
+TEXT_ENCODER_LORA_FILE = "text_encoder_lora.safetensors"
 TENSORBOARD_RUN = "tensorboard"
+WANDB_PROJECT = "imagine-trainer"
 VALIDATION_TAG = "validation/base (top) vs adapter (bottom)"
 DEFAULT_VALIDATION_PROMPTS = 4
 
@@ -68,8 +87,17 @@ class TrainConfig:
     """The share of examples trained on the empty caption, which keeps classifier-free guidance working."""
     trigger_word: str | None = None
     """Put before every caption (and validation prompt): the word that calls the adapter's subject up."""
+    buckets: bool = False
+    """Aspect-ratio buckets: each image trains at about resolution² pixels in (nearly) its own aspect ratio."""
+    bucket_step: int = 64
+    bucket_max_upscale: float = 2.0
     rank: int = 4
     alpha: float | None = None
+    target_modules: str = "attention"
+    """A preset of TARGET_PRESETS, or module names separated by commas."""
+    use_dora: bool = False
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
     learning_rate: float = 1e-4
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 0
@@ -77,7 +105,8 @@ class TrainConfig:
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
+    """no, fp16 or bf16; None: bf16 on a GPU that supports it, no elsewhere."""
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     holdout_fraction: float = 0.01
@@ -93,6 +122,11 @@ class TrainConfig:
     validation_prompts: list[str] | None = None
     validation_every: int = 500
     validation_steps: int = 25
+    validation_size: str | None = None
+    """WIDTHxHEIGHT of the validation images; the training resolution's square by default."""
+    log_every: int = 10
+    dataloader_workers: int | None = None
+    report_to: str = "tensorboard"
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -126,7 +160,37 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "classifier-free guidance working.",
     )
     parser.add_argument("--trigger-word", help="A word put before every caption, as in 'flkr, a dog runs'.")
+    parser.add_argument(
+        "--buckets",
+        action="store_true",
+        default=None,
+        help="Aspect-ratio buckets (kohya's --enable_bucket): each image trains at about --resolution² pixels in "
+        "nearly its own aspect ratio instead of a square crop; each batch comes from one bucket.",
+    )
+    parser.add_argument("--bucket-step", type=int, help="Bucket sides are multiples of this (default 64).")
+    parser.add_argument(
+        "--bucket-max-upscale",
+        type=float,
+        help="Images that would be enlarged more than this to fill their bucket are skipped (default 2).",
+    )
     parser.add_argument("--rank", type=int, help="LoRA rank (default 4).")
+    parser.add_argument(
+        "--target-modules",
+        help=f"UNet layers given a LoRA: a preset ({', '.join(TARGET_PRESETS)}; default attention) or module "
+        "names separated by commas, e.g. to_q,to_v,ff.net.2,conv1.",
+    )
+    parser.add_argument(
+        "--use-dora", action="store_true", default=None, help="DoRA (weight-decomposed LoRA, peft's use_dora)."
+    )
+    parser.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        default=None,
+        help="Also train a LoRA on the text encoder's attention (its encodings are then not cached).",
+    )
+    parser.add_argument(
+        "--text-encoder-lr", type=float, help="The text encoder LoRA's learning rate (default: --learning-rate)."
+    )
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, a scale of 1).")
     parser.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-4).")
     parser.add_argument(
@@ -140,7 +204,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--gradient-accumulation-steps", type=int, help="Batches per optimizer step (default 1).")
     parser.add_argument("--max-grad-norm", type=float, help="Gradient clipping norm (default 1.0).")
     parser.add_argument(
-        "--mixed-precision", choices=["no", "fp16", "bf16"], help="Autocast precision; LoRA weights stay fp32."
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision; LoRA weights stay fp32 (default bf16 on GPUs that have it, else no).",
     )
     parser.add_argument("--snr-gamma", type=float, help="Min-SNR loss weighting gamma (5 is usual); off by default.")
     parser.add_argument("--noise-offset", type=float, help="Noise offset (0.05 is usual); 0 by default.")
@@ -179,6 +245,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help="Steps between validation grids, adapter against base model (default 500; 0: only at the end).",
     )
     parser.add_argument("--validation-steps", type=int, help="Inference steps of a validation image (default 25).")
+    parser.add_argument(
+        "--validation-size", help="WIDTHxHEIGHT of the validation images (default: --resolution square)."
+    )
+    parser.add_argument(
+        "--log-every", type=int, help="Steps between reading the loss back from the GPU and logging it (default 10)."
+    )
+    parser.add_argument(
+        "--dataloader-workers",
+        type=int,
+        help="Processes preparing batches ahead of the GPU (default 4 with CUDA, 1 without; 0: in the training loop).",
+    )
+    parser.add_argument(
+        "--report-to",
+        choices=["tensorboard", "wandb"],
+        help="tensorboard (default), or wandb to log to Weights & Biases as well (pip install wandb).",
+    )
     parser.add_argument(
         "--notify", action="store_true", default=None, help="Ask the workers to hot-reload the adapter at the end."
     )
@@ -231,6 +313,26 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.rank < 1:
         raise ValueError(f"--rank must be at least 1 (got {config.rank})")
+    target_modules(config.target_modules)
+    if config.text_encoder_lr is not None and not config.train_text_encoder:
+        raise ValueError("--text-encoder-lr is the text encoder LoRA's: add --train-text-encoder")
+    if config.buckets:
+        if config.bucket_step < 8 or config.bucket_step % 8 or config.bucket_step > config.resolution:
+            raise ValueError(
+                f"--bucket-step must be a multiple of 8 between 8 and --resolution (got {config.bucket_step})"
+            )
+        if config.bucket_max_upscale < 1:
+            raise ValueError(f"--bucket-max-upscale must be at least 1 (got {config.bucket_max_upscale})")
+    validation_size(config)
+    if config.log_every < 1:
+        raise ValueError(f"--log-every must be at least 1 (got {config.log_every})")
+    if config.dataloader_workers is not None and config.dataloader_workers < 0:
+        raise ValueError(f"--dataloader-workers must be 0 or more (got {config.dataloader_workers})")
+    if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            "--report-to wandb needs Weights & Biases: pip install wandb, then `wandb login` "
+            "(or WANDB_MODE=offline to log locally)"
+        )
     if config.batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ValueError("--batch-size and --gradient-accumulation-steps must be at least 1")
     if not 0 <= config.holdout_fraction < 1:
@@ -265,81 +367,97 @@ def check_config(config: TrainConfig) -> None:
         )
 
 
+def target_modules(option: str) -> list[str]:
+    """The UNet module names of --target-modules: a preset, or names separated by commas."""
+    if option in TARGET_PRESETS:
+        return list(TARGET_PRESETS[option])
+    names = [name.strip() for name in option.split(",") if name.strip()]
+    if not names or not all(re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", name) for name in names):
+        raise ValueError(
+            f"--target-modules must be a preset ({', '.join(TARGET_PRESETS)}) or module names separated by "
+            f"commas, such as to_q,to_v,ff.net.2 (got {option!r})"
+        )
+    return names
+
+
+def validation_size(config: TrainConfig) -> tuple[int, int]:
+    """(width, height) of the validation images: --validation-size, or the training resolution's square."""
+    if config.validation_size is None:
+        return config.resolution, config.resolution
+    match = re.fullmatch(r"(\d+)x(\d+)", config.validation_size.strip().lower())
+    if match is None or any(int(side) < 64 or int(side) % 8 for side in match.groups()):
+        raise ValueError(
+            f"--validation-size must be WIDTHxHEIGHT, each a multiple of 8 and at least 64, e.g. 640x384 "
+            f"(got {config.validation_size!r})"
+        )
+    return int(match[1]), int(match[2])
+
+
 def work_folder(config: TrainConfig) -> Path:
     """Checkpoints, metrics, validation grids and TensorBoard logs, beside the output under a hidden name
     (workers ignore entries starting with `.`)."""
     return config.output.parent / f".{config.output.name}.training"
 
 
-# Randomness as a function of (seed, step) ---------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(seed: int, epoch: int, size: int) -> tuple[int, ...]:
-    """The epoch's shuffled image order, computed once per epoch rather than once per example."""
-    order = list(range(size))
-    random.Random(f"{seed}:order:{epoch}").shuffle(order)
-    return tuple(order)
-
-
-def example_generator(seed: int, draw: int) -> torch.Generator:
-    """The generator of the draw-th example of the run: its latent sample, noise and timestep depend on
-    nothing else, so a batch split over several processes trains exactly as the same batch on one."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
-
-
-def normal_per_example(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=generator) for generator in generators])
-
-
-def timesteps_per_example(generators: list[torch.Generator], count: int) -> torch.Tensor:
-    return torch.stack([torch.randint(0, count, (), generator=generator) for generator in generators])
-
-
-@dataclass(frozen=True)
-class Example:
-    index: int
-    caption: str
-    flip: bool
-    crop_seed: str
-
-
-def with_trigger_word(caption: str, trigger_word: str | None) -> str:
-    return f"{trigger_word.strip()}, {caption}" if trigger_word else caption
-
-
-class TrainingImages:
-    """Training examples: the image at its position in an epoch, one of its captions drawn for that epoch."""
-
-    def __init__(self, records, config: TrainConfig, report: SkipReport) -> None:
-        self.config = config
-        # Every image is checked once here, but not kept: 31,783 decoded Flickr30k images would not fit in
-        # memory, and with the encoder cache most are never needed again.
-        self.records = [record for record in records if open_rgb(record.image_path, report) is not None]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def example(self, epoch: int, index: int) -> Example:
-        rng = random.Random(f"{self.config.seed}:example:{epoch}:{index}")
-        caption = with_trigger_word(rng.choice(self.records[index].captions), self.config.trigger_word)
-        flip = self.config.flip and rng.random() < 0.5
-        # A draw of its own: the dropout leaves every other choice of the run as it was without it.
-        dropout = random.Random(f"{self.config.seed}:caption-dropout:{epoch}:{index}")
-        if self.config.caption_dropout and dropout.random() < self.config.caption_dropout:
-            caption = ""
-        return Example(index, caption, flip, f"{self.config.seed}:crop:{epoch}:{index}")
-
-    def pixels(self, example: Example) -> np.ndarray:
-        path = self.records[example.index].image_path
-        image = open_rgb(path, SkipReport())
-        if image is None:
-            raise ValueError(f"{path} was readable when training started and is not any more")
-        crop_rng = random.Random(example.crop_seed)
-        return to_training_array(image, self.config.resolution, self.config.center_crop, example.flip, crop_rng)
-
-
 # The run -------------------------------------------------------------------------------------------
+
+
+def default_mixed_precision() -> str:
+    """bf16 on a GPU that has it (Ampere and newer): the speed of fp16 without its grad scaler's host sync
+    and overflow; full precision elsewhere."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Target names that name no module (peft matches a name or a dotted suffix of one)."""
+    names = [name for name, _ in model.named_modules()]
+    return [target for target in targets if not any(n == target or n.endswith(f".{target}") for n in names)]
+
+
+def count_parameters(model_class, config) -> int:
+    """A model's size from its config alone, without loading (or allocating) its weights."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+class FrozenEncoders:
+    """The VAE and the frozen text encoder, loaded the first time something needs them: a run whose
+    encoder cache is complete trains without them, and loads them only to render validation grids."""
+
+    def __init__(self, source: str, device, dtype: torch.dtype) -> None:
+        self.source, self.device, self.dtype = source, device, dtype
+        self._vae = self._text_encoder = None
+        self.purpose = "training"
+        self.loaded: list[str] = []
+        """What was loaded, for what: `vae for training`, `text_encoder for validation`, ..."""
+
+    def _load(self, model_class, subfolder: str):
+        model = model_class.from_pretrained(self.source, subfolder=subfolder)
+        model.requires_grad_(False)
+        self.loaded.append(f"{subfolder} for {self.purpose}")
+        return model.to(self.device, dtype=self.dtype)
+
+    def vae(self):
+        if self._vae is None:
+            from diffusers import AutoencoderKL
+
+            self._vae = self._load(AutoencoderKL, "vae")
+        return self._vae
+
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from transformers import CLIPTextModel
+
+            self._text_encoder = self._load(CLIPTextModel, "text_encoder")
+        return self._text_encoder
+
+    def release(self) -> None:
+        self._vae = self._text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def train(config: TrainConfig) -> Path:
@@ -348,21 +466,30 @@ def train(config: TrainConfig) -> Path:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from trainer.validation import ValidationGrids
     from worker.pipeline import resolve_base_model
 
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and newer: faster float32 matmuls
+    config = replace(config, mixed_precision=config.mixed_precision or default_mixed_precision())
     work = work_folder(config)
+    trackers = ["tensorboard"]
+    if config.report_to == "wandb":
+        from accelerate.tracking import WandBTracker
+
+        # A project of its own (WANDB_PROJECT to choose it), the run named after the adapter, its files in the
+        # work folder rather than wherever the trainer was started.
+        project = os.environ.get("WANDB_PROJECT", WANDB_PROJECT)
+        trackers.append(WandBTracker(project, name=config.output.name, dir=str(work)))
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=trackers,
         project_dir=str(work),
     )
     main_process = accelerator.is_main_process
@@ -374,6 +501,10 @@ def train(config: TrainConfig) -> Path:
         "batch_size": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "seed": config.seed,
+        "resolution": config.resolution,
+        "buckets": config.bucket_step if config.buckets else False,
+        "caption_dropout": config.caption_dropout,
+        "trigger_word": config.trigger_word,
     }
     checkpoints = work / CHECKPOINTS
     resume_from = None
@@ -389,55 +520,92 @@ def train(config: TrainConfig) -> Path:
     accelerator.print(f"data: {len(images)} training images, {len(held_out)} held out; {report.summary()}")
     if not len(images):
         raise ValueError(f"no usable training image in {config.data} ({report.summary()})")
+    if config.buckets:
+        for note in images.merge_small_buckets(config.batch_size):
+            accelerator.print(f"buckets: {note}")
+        sizes = ", ".join(f"{w}x{h}: {len(members)}" for (w, h), members in sorted(images.buckets().items()))
+        accelerator.print(f"buckets (width x height: images): {sizes}")
+    plan = BatchPlan(images, config.seed, config.batch_size, config.buckets)
     held_out_captions = [{"image": record.image_path.name, "captions": record.captions} for record in held_out]
     if main_process:
         (work / HELD_OUT).write_text(json.dumps(held_out_captions, indent=1))
 
-    # Load models
+    # Load models: the UNet, and the encoders only where the cache does not cover their work.
     source = resolve_base_model(config.base_model, config.model_cache_dir)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+    vae_config = dict(AutoencoderKL.load_config(source, subfolder="vae"))
+    text_encoder_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
+    unet.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
     unet.to(accelerator.device, dtype=weight_dtype)
+    encoders = FrozenEncoders(source, accelerator.device, weight_dtype)
 
+    targets = target_modules(config.target_modules)
+    unmatched = unmatched_targets(unet, targets)
+    if unmatched:
+        raise ValueError(
+            f"--target-modules: {', '.join(unmatched)} name(s) no module of the UNet; the presets are "
+            f"{', '.join(TARGET_PRESETS)}, or give module names such as to_q, ff.net.2, conv1"
+        )
     lora_config = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha or config.rank,
         init_lora_weights=True,  # A random, B zero: training starts from the base model exactly
-        target_modules=list(TARGET_MODULES),
+        target_modules=targets,
+        use_dora=config.use_dora,
     )
     torch.manual_seed(config.seed)  # A's random initialisation: the same seed, the same starting point
-    unet.add_adapter(lora_config)
+    try:
+        unet.add_adapter(lora_config)
+    except ValueError as error:  # a target peft cannot adapt (a norm, an embedding)
+        raise ValueError(f"--target-modules {config.target_modules}: {error}") from error
+    text_encoder = text_encoder_lora_config = None
+    if config.train_text_encoder:
+        text_encoder = encoders.text_encoder()  # trained: loaded, and kept, whatever the cache holds
+        text_encoder_lora_config = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha or config.rank,
+            init_lora_weights=True,
+            target_modules=list(TEXT_ENCODER_TARGETS),
+            use_dora=config.use_dora,
+        )
+        inject_adapter_in_model(text_encoder_lora_config, text_encoder)
+    trained_models = [unet] + ([text_encoder] if text_encoder is not None else [])
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.mixed_precision != "no":
         # The trainable LoRA weights stay fp32, or the grad scaler fails ("Attempting to unscale FP16 gradients").
-        cast_training_params(unet, dtype=torch.float32)
-    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+        cast_training_params(trained_models, dtype=torch.float32)
+    unet_parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    text_parameters = [p for p in text_encoder.parameters() if p.requires_grad] if text_encoder is not None else []
+    trainable = unet_parameters + text_parameters
     trainable_count = sum(parameter.numel() for parameter in trainable)
-    total = sum(p.numel() for model in (unet, vae, text_encoder) for p in model.parameters())
+    frozen_text_encoder = 0 if text_encoder is not None else count_parameters(CLIPTextModel, text_encoder_config)
+    total = (
+        sum(p.numel() for model in trained_models for p in model.parameters())
+        + count_parameters(AutoencoderKL, vae_config)
+        + frozen_text_encoder
+    )
     accelerator.print(
         f"trainable LoRA parameters: {trainable_count:,} of {total:,} ({100 * trainable_count / total:.4f} %)"
     )
 
     examples_per_step = config.batch_size * config.gradient_accumulation_steps * processes
-    max_steps = config.max_steps or config.epochs * math.ceil(len(images) / examples_per_step)
+    max_steps = config.max_steps or plan.steps(config.epochs, examples_per_step)
+    groups = [{"params": unet_parameters}]
+    if text_parameters:
+        groups.append({"params": text_parameters, "lr": config.text_encoder_lr or config.learning_rate})
     if config.use_8bit_adam:
         try:
             import bitsandbytes
         except ImportError as error:
             raise ValueError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from error
-        optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer = bitsandbytes.optim.AdamW8bit(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # fused: one kernel for every parameter's update instead of a dozen per tensor.
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     # accelerate steps a prepared scheduler once per process on every optimizer step: count in those units.
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
@@ -445,22 +613,30 @@ def train(config: TrainConfig) -> Path:
         num_warmup_steps=config.lr_warmup_steps * processes,
         num_training_steps=max_steps * processes,
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if text_encoder is not None:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    trained_models = [unet] + ([text_encoder] if text_encoder is not None else [])
+    unet_module = accelerator.unwrap_model(unet)
 
     # Checkpoints hold the LoRA weights, not the whole frozen UNet (3.4 GB for SD v1-4), with the
     # optimizer and scheduler that accelerate saves beside them.
+    def lora_file(model) -> str:
+        return LORA_FILE if accelerator.unwrap_model(model) is unet_module else TEXT_ENCODER_LORA_FILE
+
     def save_lora_only(models, weights, folder: str) -> None:
         for model in models:
             state = get_peft_model_state_dict(accelerator.unwrap_model(model))
             tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-            save_file(tensors, Path(folder, LORA_FILE))
+            save_file(tensors, Path(folder, lora_file(model)))
         weights.clear()
 
     def load_lora_only(models, folder: str) -> None:
         while models:
-            set_peft_model_state_dict(
-                accelerator.unwrap_model(models.pop()), load_file(Path(folder, LORA_FILE)), adapter_name="default"
-            )
+            model = models.pop()
+            state = load_file(Path(folder, lora_file(model)))
+            set_peft_model_state_dict(accelerator.unwrap_model(model), state, adapter_name="default")
 
     accelerator.register_save_state_pre_hook(save_lora_only)
     accelerator.register_load_state_pre_hook(load_lora_only)
@@ -479,82 +655,140 @@ def train(config: TrainConfig) -> Path:
     if main_process:
         _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
 
-    # TensorBoard: a resumed run replaces what the interrupted one logged after its checkpoint.
+    # TensorBoard (and W&B): a resumed run replaces what the interrupted one logged after its checkpoint.
     hyperparameters = {key: _loggable(value) for key, value in asdict(config).items()}
     accelerator.init_trackers(TENSORBOARD_RUN, hyperparameters, init_kwargs={"tensorboard": {"purge_step": step + 1}})
     accelerator.print(f"TensorBoard: tensorboard --logdir {work / TENSORBOARD_RUN}")
 
     cache = None
+    cache_text = text_encoder is None  # a text encoder in training changes its output every step
+    encoders_needed = True
     if config.cache:
         key = cache_key(
             data=data_fingerprint([record.image_path for record in images.records]),
             model=source,
-            vae=dict(vae.config),
-            text_encoder=text_encoder.config.to_dict(),
+            vae=vae_config,
+            text_encoder=text_encoder_config.to_dict(),
             resolution=config.resolution,
             dtype=str(weight_dtype),
         )
         cache = EncodingCache(config.cache_dir, key)
-        accelerator.print(f"encoder cache: {cache.folder}")
+        names = images.cache_names()
+        if not cache_text:
+            names = {name for name in names if name.startswith("latent-")}
+        missing = cache.missing(names)
+        encoders_needed = bool(missing)
+        state = f"{len(names) - len(missing)} of {len(names)} entries"
+        if not missing:
+            state += "; complete, so the VAE and the text encoder load only for validation"
+        accelerator.print(f"encoder cache: {cache.folder} ({state})")
 
-    def latent_parameters(examples: list[Example]) -> torch.Tensor:
-        def compute(batch: list[Example]) -> torch.Tensor:
-            arrays = np.stack([images.pixels(example) for example in batch])
-            pixels = torch.from_numpy(arrays).to(accelerator.device, dtype=weight_dtype)
-            return vae.encode(pixels).latent_dist.parameters
+    dataset = MicroBatches(
+        images,
+        plan,
+        processes,
+        rank,
+        LatentSpace.of(vae_config),
+        noise_scheduler.config.num_train_timesteps,
+        config.noise_offset,
+        cache,
+        cache_text,
+        max_steps * config.gradient_accumulation_steps,
+    )
+    workers = config.dataloader_workers
+    if workers is None:
+        workers = 4 if torch.cuda.is_available() else 1
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # an item is a whole micro-batch, from one bucket
+        sampler=range(step * config.gradient_accumulation_steps, len(dataset)),
+        num_workers=workers,
+        pin_memory=accelerator.device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+    )
+    scaling_factor = LatentSpace.of(vae_config).scaling_factor
 
-        if cache is None:
-            return compute(examples)
-        parts = [
-            cache.get(f"latent-{e.index}{'-flip' if e.flip else ''}", lambda e=e: compute([e])[0]) for e in examples
-        ]
-        return torch.stack(parts).to(accelerator.device)
+    def on_device(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(accelerator.device, non_blocking=True)
 
-    def text_states(captions: list[str]) -> torch.Tensor:
-        def compute(texts: list[str]) -> torch.Tensor:
-            ids = tokenizer(
-                texts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(accelerator.device)
-            return text_encoder(ids)[0]
-
-        if cache is None:
-            return compute(captions)
-        parts = [
-            cache.get("text-" + hashlib.sha256(text.encode()).hexdigest()[:24], lambda t=text: compute([t])[0])
-            for text in captions
-        ]
-        return torch.stack(parts).to(accelerator.device)
-
-    @torch.no_grad()
-    def encode(examples: list[Example], generators: list[torch.Generator]):
+    def latents_of(item: dict) -> torch.Tensor:
+        """The examples' latents: their cached distributions, the missing ones encoded in one batch."""
+        parameters = item["latents"]
+        if isinstance(parameters, torch.Tensor):
+            parameters = on_device(parameters)
+            if cache is not None:
+                cache.count(len(parameters), 0, item["cache_read_s"])
+        else:
+            missing = [k for k, entry in enumerate(parameters) if entry is None]
+            started = time.perf_counter()
+            with torch.no_grad():
+                pixels = item["pixels"].to(accelerator.device, dtype=weight_dtype)
+                computed = encoders.vae().encode(pixels).latent_dist.parameters
+            parts = list(parameters)
+            for k, tensor in zip(missing, computed, strict=True):
+                parts[k] = tensor
+                if cache is not None:
+                    cache.write(item["latent_names"][k], tensor)
+            if cache is not None:
+                cache.count(
+                    len(parts) - len(missing), len(missing), item["cache_read_s"], time.perf_counter() - started
+                )
+            parameters = torch.stack([on_device(part) for part in parts])
         # Sampled from the distribution whether it was cached or not: the same generator, the same latents.
-        distribution = DiagonalGaussianDistribution(latent_parameters(examples))
-        epsilon = normal_per_example(generators, distribution.mean.shape[1:]).to(distribution.mean)
-        latents = (distribution.mean + distribution.std * epsilon) * vae.config.scaling_factor
-        return latents.float(), text_states([example.caption for example in examples])
+        distribution = DiagonalGaussianDistribution(parameters)
+        epsilon = on_device(item["epsilon"]).to(distribution.mean)
+        return ((distribution.mean + distribution.std * epsilon) * scaling_factor).float()
+
+    def text_states(item: dict) -> torch.Tensor:
+        """The captions' text encoder states: cached, or the missing ones encoded in one batch (every one,
+        with gradients, when the text encoder trains)."""
+        states = item["texts"]
+        if isinstance(states, torch.Tensor):
+            if cache is not None:
+                cache.count(len(states), 0)
+            return on_device(states)
+        missing = [k for k, entry in enumerate(states) if entry is None]
+        ids = tokenizer(
+            [item["captions"][k] for k in missing],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(accelerator.device)
+        if text_encoder is not None:
+            return text_encoder(ids)[0]
+        started = time.perf_counter()
+        with torch.no_grad():
+            computed = encoders.text_encoder()(ids)[0]
+        parts = list(states)
+        for k, tensor in zip(missing, computed, strict=True):
+            parts[k] = tensor
+            if cache is not None:
+                cache.write(text_name(item["captions"][k]), tensor)
+        if cache is not None:
+            cache.count(len(parts) - len(missing), len(missing), 0.0, time.perf_counter() - started)
+        return torch.stack([on_device(part) for part in parts])
 
     @torch.no_grad()
     def fixed_batch_loss() -> float:
         """The loss on the first training images at fixed noise and evenly spread timesteps: unlike the
         per-step loss, whose random timesteps make it noisy, it shows whether training helped."""
-        generator = torch.Generator().manual_seed(config.seed)
+        total = torch.zeros((), device=accelerator.device)
         count = min(4, len(images))
-        latents, states = encode([images.example(0, index) for index in range(count)], [generator] * count)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        total = 0.0
-        for timestep in torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, 4).long():
-            timesteps = timestep.repeat(count).to(latents.device)
+        for index in range(count):  # one at a time: with buckets they may differ in size
+            item = dataset.prepare([images.example(0, index)], [torch.Generator().manual_seed(config.seed + index)])
             with accelerator.autocast():
-                prediction = unet(
-                    noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype), timesteps, states
-                ).sample
-            target = prediction_target(noise_scheduler, latents, noise, timesteps)
-            total += F.mse_loss(prediction.float(), target.float()).item()
-        return total / 4
+                latents, states = latents_of(item), text_states(item)
+            noise = on_device(item["noise"])
+            for timestep in torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, 4).long():
+                timesteps = timestep.reshape(1).to(latents.device)
+                with accelerator.autocast():
+                    prediction = unet(
+                        noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype), timesteps, states
+                    ).sample
+                target = prediction_target(noise_scheduler, latents, noise, timesteps)
+                total += F.mse_loss(prediction.float(), target.float())
+        return (total / (4 * count)).item()
 
     validation = None
     if main_process:
@@ -563,30 +797,38 @@ def train(config: TrainConfig) -> Path:
             with_trigger_word(prompt, config.trigger_word)
             for prompt in _default_validation_prompts(held_out, images.records)
         ]
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            unet=accelerator.unwrap_model(unet),
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            safety_checker=None,
-            requires_safety_checker=False,
-            dtype=weight_dtype,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        with accelerator.autocast():
-            validation = ValidationGrids(
-                pipe, prompts, config.seed, config.validation_steps, config.resolution, work / "validation"
-            )
+        width, height = validation_size(config)
+        validation = ValidationGrids(prompts, config.seed, config.validation_steps, width, height, work / "validation")
         tensorboard = accelerator.get_tracker("tensorboard", unwrap=True)
         tensorboard.add_text("validation/prompts", "\n\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)), step)
 
     def log_validation_grid(at_step: int) -> Path | None:
         grid_path = None
         if validation is not None:
+            encoders.purpose = "validation"
+            trained_text_encoder = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source,
+                unet=unet_module,
+                vae=encoders.vae(),
+                text_encoder=trained_text_encoder or encoders.text_encoder(),
+                tokenizer=tokenizer,
+                safety_checker=None,
+                requires_safety_checker=False,
+                dtype=weight_dtype,
+            )
+            pipe.set_progress_bar_config(disable=True)
             with accelerator.autocast():
-                grid_path, grid = validation.grid(at_step)
+                grid_path, grid = validation.grid(pipe, at_step)
+            del pipe
+            encoders.purpose = "training"
+            if not encoders_needed:
+                encoders.release()
             tensorboard.add_image(VALIDATION_TAG, np.asarray(grid), at_step, dataformats="HWC")
+            if config.report_to == "wandb":
+                import wandb
+
+                accelerator.get_tracker("wandb", unwrap=True).log({VALIDATION_TAG: wandb.Image(grid)}, step=at_step)
         accelerator.wait_for_everyone()
         return grid_path
 
@@ -596,28 +838,50 @@ def train(config: TrainConfig) -> Path:
     metrics = (work / "metrics.jsonl").open("a") if main_process else None
     bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not main_process)
     started = time.perf_counter()
+    # Each step's loss stays on the device until the next log point, where all are read back at once: the
+    # GPU never waits for the host in between (a NaN is found there, before any checkpoint could keep it).
+    pending_losses: list[torch.Tensor] = []
+    pending_rates: list[float] = []
     loss_value = float("nan")
+
+    def read_back_losses() -> None:
+        nonlocal loss_value
+        values = accelerator.reduce(torch.stack(pending_losses), reduction="mean").tolist()  # the one host sync
+        elapsed = time.perf_counter() - started
+        first = step - len(values) + 1
+        for offset, (value, learning_rate) in enumerate(zip(values, pending_rates, strict=True)):
+            if not math.isfinite(value):
+                last = _latest_checkpoint(checkpoints)
+                for tracker in accelerator.trackers:
+                    tracker.finish()  # what TensorBoard logged up to here stays readable
+                raise TrainingStopped(
+                    f"the loss became {value} at step {first + offset}; training stopped. "
+                    f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
+                    "try a lower --learning-rate, or --mixed-precision bf16 instead of fp16"
+                )
+            accelerator.log({"train/loss": value, "train/learning_rate": learning_rate}, step=first + offset)
+            if metrics is not None:
+                line = {"step": first + offset, "loss": value, "lr": learning_rate, "elapsed_s": round(elapsed, 4)}
+                metrics.write(json.dumps(line) + "\n")
+        if metrics is not None:
+            metrics.flush()
+        loss_value = values[-1]
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{pending_rates[-1]:.2e}", refresh=False)
+        pending_losses.clear()
+        pending_rates.clear()
+
+    batches = iter(loader)
     while step < max_steps:
         step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(config.gradient_accumulation_steps):
-            # Each process takes its own slice of the step's examples.
-            first = ((step * config.gradient_accumulation_steps + micro) * processes + rank) * config.batch_size
-            positions = [(first + k) // len(images) for k in range(config.batch_size)]  # epochs
-            batch = [
-                images.example(epoch, epoch_order(config.seed, epoch, len(images))[(first + k) % len(images)])
-                for k, epoch in enumerate(positions)
-            ]
-            generators = [example_generator(config.seed, first + k) for k in range(config.batch_size)]
-            latents, states = encode(batch, generators)
-            noise = normal_per_example(generators, latents.shape[1:]).to(latents.device)
-            if config.noise_offset:
-                offset = normal_per_example(generators, (latents.shape[1], 1, 1))
-                noise += config.noise_offset * offset.to(latents.device)
-            timesteps = timesteps_per_example(generators, noise_scheduler.config.num_train_timesteps)
-            timesteps = timesteps.to(latents.device)
+        for _ in range(config.gradient_accumulation_steps):
+            item = next(batches)
+            latents = latents_of(item)
+            noise = on_device(item["noise"])
+            timesteps = on_device(item["timesteps"])
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = prediction_target(noise_scheduler, latents, noise, timesteps)
-            with accelerator.accumulate(unet), accelerator.autocast():
+            with accelerator.accumulate(*trained_models), accelerator.autocast():
+                states = text_states(item)
                 prediction = unet(noisy.to(weight_dtype), timesteps, states).sample
                 if config.snr_gamma is None:
                     loss = F.mse_loss(prediction.float(), target.float())
@@ -629,54 +893,44 @@ def train(config: TrainConfig) -> Path:
                     squared_errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
                     example_losses = squared_errors.mean(dim=(1, 2, 3))
                     loss = (example_losses * weights).mean()
-                # Every process stops together: one that went on alone would wait forever in the next all-reduce.
-                if not accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all():
-                    last = _latest_checkpoint(checkpoints)
-                    value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
-                    for tracker in accelerator.trackers:
-                        tracker.finish()  # what TensorBoard logged up to here stays readable
-                    raise TrainingStopped(
-                        f"the loss became {value} at step {step + 1}; training stopped. "
-                        f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
-                        "try a lower --learning-rate, or --mixed-precision bf16 instead of fp16"
-                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / config.gradient_accumulation_steps
-        # The step's loss over all its examples, on every process.
-        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
         step += 1
-        elapsed = time.perf_counter() - started
-        learning_rate = lr_scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+        pending_losses.append(step_loss)
+        pending_rates.append(lr_scheduler.get_last_lr()[0])
         bar.update(1)
-        accelerator.log({"train/loss": loss_value, "train/learning_rate": learning_rate}, step=step)
-        if metrics is not None:
-            line = {"step": step, "loss": loss_value, "lr": learning_rate, "elapsed_s": round(elapsed, 4)}
-            metrics.write(json.dumps(line) + "\n")
-            metrics.flush()
-        if (step % config.checkpoint_every == 0 or step == max_steps) and main_process:
+        checkpoint_now = step % config.checkpoint_every == 0 or step == max_steps
+        validate_now = config.validation_every and step % config.validation_every == 0 and step < max_steps
+        if checkpoint_now or validate_now or step % config.log_every == 0:
+            read_back_losses()
+        if checkpoint_now and main_process:
             _save_checkpoint(accelerator, checkpoints, step, config.keep_checkpoints, run_shape)
-        if config.validation_every and step % config.validation_every == 0 and step < max_steps:
+        if validate_now:
             log_validation_grid(step)
     bar.close()
+    # The training loop's peak (with any grid rendered on the way), not the final grid's encoders.
+    peak_gpu_memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     final_grid = log_validation_grid(max_steps)
     loss_after = fixed_batch_loss()
     # Every process's cache traffic and peak GPU memory, not the main process's alone.
-    local = [cache.hits, cache.misses] if cache else [0, 0]
-    local.append(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
+    local = [cache.hits, cache.misses, peak_gpu_memory] if cache else [0, 0, peak_gpu_memory]
     gathered = accelerator.gather(torch.tensor([local], device=accelerator.device)).cpu()
     # end_training also destroys the process group, which DDP's reducer in the wrapped model holds: a
     # reducer freed after its group can deadlock (seen with gloo), so every reference to the wrapped
     # model goes first, ours and accelerate's.
-    unet = accelerator.unwrap_model(unet)
+    unet = unet_module
+    text_encoder = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
+    trained_models = []
+    del loader, batches
     accelerator.free_memory()
     accelerator.end_training()
     lora_state = get_peft_model_state_dict(unet)
+    text_encoder_state = get_peft_model_state_dict(text_encoder) if text_encoder is not None else None
     if not main_process:
         return config.output
     metrics.close()
@@ -694,15 +948,19 @@ def train(config: TrainConfig) -> Path:
                 "fixed_batch_loss_after": loss_after,
                 "fixed_batch_loss_before_at_step": step_at_start,
                 **totals,
+                "encoders_loaded": encoders.loaded,
                 "trainable_parameters": trainable_count,
                 "total_parameters": total,
                 "steps": max_steps,
                 "processes": processes,
+                "mixed_precision": config.mixed_precision,
+                "buckets": {f"{w}x{h}": len(m) for (w, h), m in sorted(images.buckets().items())},
                 "skipped_images": dict(report.counts),
             }
         )
     )
-    final = publish(config, lora_state, lora_config, loss_value, max_steps, trainable_count, work, report, final_grid)
+    trained = TrainedAdapter(lora_state, lora_config, text_encoder_state, text_encoder_lora_config, trainable_count)
+    final = publish(config, trained, loss_value, max_steps, work, report, final_grid)
     if config.notify:
         notify_workers(final.name)
     return final
@@ -744,8 +1002,8 @@ def _latest_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def _check_same_run(checkpoint: Path, run_shape: dict) -> None:
-    """A checkpoint continues only the run that made it: with other processes, batch or seed, the data
-    position and the learning-rate schedule would silently shift."""
+    """A checkpoint continues only the run that made it: with other processes, batch, seed, buckets or
+    captions, the data position and the learning-rate schedule would silently shift."""
     saved = json.loads((checkpoint / "progress.json").read_text())
     differences = [
         f"{key.replace('_', ' ')} {saved[key]} then, {value} now"
@@ -755,7 +1013,8 @@ def _check_same_run(checkpoint: Path, run_shape: dict) -> None:
     if differences:
         raise ValueError(
             f"{checkpoint} belongs to a run of another shape ({'; '.join(differences)}): resume it with the same "
-            "number of processes, --batch-size, --gradient-accumulation-steps and --seed, or start afresh"
+            "number of processes, --batch-size, --gradient-accumulation-steps, --seed, --resolution, --buckets "
+            "(and --bucket-step), --caption-dropout and --trigger-word, or start afresh"
         )
 
 

@@ -6,6 +6,7 @@ The trainer renders a grid every `--validation-every` steps with the adapter it 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,14 +17,16 @@ GRID_CELL = 256
 """Side of one image in a grid: large enough to judge, small enough for TensorBoard and a model card."""
 
 
-def render_prompts(pipe, prompts: list[str], seed: int, steps: int, resolution: int) -> list[Image.Image]:
-    """One image per prompt, prompt i drawn with seed + i on the CPU, so the same prompt and seed give
-    the same starting noise on any device and in any run."""
+def render_prompts(
+    pipe, prompts: list[str], seed: int, steps: int, width: int, height: int | None = None
+) -> list[Image.Image]:
+    """One image per prompt (square unless `height` is given), prompt i drawn with seed + i on the CPU, so
+    the same prompt and seed give the same starting noise on any device and in any run."""
     images = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + index)
         result = pipe(
-            prompt, num_inference_steps=steps, width=resolution, height=resolution, generator=generator
+            prompt, num_inference_steps=steps, width=width, height=height or width, generator=generator
         ).images[0]
         images.append(result)
     return images
@@ -33,34 +36,57 @@ def comparison_grid(base: list[Image.Image], adapted: list[Image.Image]) -> Imag
     """One column per prompt: the base model on the top row, the adapter below it."""
     if len(base) != len(adapted) or not base:
         raise ValueError(f"a comparison needs the same number of images on each row (got {len(base)}, {len(adapted)})")
-    cells = [image.resize((GRID_CELL, GRID_CELL), Image.Resampling.LANCZOS) for image in (*base, *adapted)]
+    width, height = base[0].size
+    scale = GRID_CELL / max(width, height)  # the long side: a wide validation size gives wide cells
+    cell = (round(width * scale), round(height * scale))
+    cells = [image.resize(cell, Image.Resampling.LANCZOS) for image in (*base, *adapted)]
     return make_image_grid(cells, rows=2, cols=len(base))
 
 
 class ValidationGrids:
-    """The validation prompts on the base model, rendered once, and a grid against the adapter on demand.
+    """The validation prompts on the base model, rendered at the first grid, and a grid against the adapter.
 
-    `pipe.unet` carries the PEFT adapter being trained: it is disabled for the base row only.
+    The pipeline is given at each grid (a run whose encoder cache is complete loads the VAE and the text
+    encoder for validation only); its UNet, and its text encoder when trained, carry the PEFT adapters being
+    trained, disabled for the base row only.
     """
 
-    def __init__(self, pipe, prompts: list[str], seed: int, steps: int, resolution: int, folder: Path) -> None:
-        self.pipe = pipe
+    def __init__(self, prompts: list[str], seed: int, steps: int, width: int, height: int, folder: Path) -> None:
         self.prompts = prompts
-        self.seed, self.steps, self.resolution = seed, steps, resolution
+        self.seed, self.steps, self.width, self.height = seed, steps, width, height
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
-        pipe.unet.disable_adapters()
-        try:
-            self.base_images = self._render()
-        finally:
-            pipe.unet.enable_adapters()
+        self.base_images: list[Image.Image] | None = None
 
-    def _render(self) -> list[Image.Image]:
+    def _render(self, pipe) -> list[Image.Image]:
         with torch.no_grad():
-            return render_prompts(self.pipe, self.prompts, self.seed, self.steps, self.resolution)
+            return render_prompts(pipe, self.prompts, self.seed, self.steps, self.width, self.height)
 
-    def grid(self, step: int) -> tuple[Path, Image.Image]:
-        image = comparison_grid(self.base_images, self._render())
+    def grid(self, pipe, step: int) -> tuple[Path, Image.Image]:
+        if self.base_images is None:
+            with adapters_disabled(pipe):
+                self.base_images = self._render(pipe)
+        image = comparison_grid(self.base_images, self._render(pipe))
         path = self.folder / f"step-{step:06d}.png"
         image.save(path)
         return path, image
+
+
+@contextmanager
+def adapters_disabled(pipe):
+    """The pipeline's PEFT layers (UNet and text encoder) switched off for the duration."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [
+        module
+        for model in (pipe.unet, pipe.text_encoder)
+        for module in model.modules()
+        if isinstance(module, BaseTunerLayer)
+    ]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

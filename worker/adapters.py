@@ -38,6 +38,9 @@ PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PEFT_PREFIX = "base_model.model."
+TEXT_ENCODER_FOLDER = "text_encoder"
+"""Where a PEFT-layout adapter keeps its text encoder's LoRA, if it has one."""
+DORA_MAGNITUDE = "lora_magnitude_vector"
 # The key of each LoRA's down (A) matrix in each layout: one per adapted module.
 _DOWN_KEY = re.compile(r"(\.lora_A\.weight|\.lora\.down\.weight|\.lora_down\.weight)$")
 # A LoRA matrix's key in any layout: the module, and whether it is the down (A) or the up (B) matrix.
@@ -58,6 +61,9 @@ class AdapterFiles:
     config: Path | None
     twin: Path | None = None
     """The diffusers file beside a PEFT file: it must hold the same weights."""
+    text_encoder: Path | None = None
+    """A PEFT adapter's text encoder LoRA (`text_encoder/adapter_model.safetensors`), if it has one."""
+    text_encoder_config: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,22 @@ def locate_adapter(lora_dir: Path, name: str) -> AdapterFiles:
         if not config.is_file():
             raise AdapterError(f"adapter {name!r} has {PEFT_WEIGHTS} but no {PEFT_CONFIG} beside it")
         twin = folder / DIFFUSERS_WEIGHTS
+        text_encoder = text_encoder_config = None
+        if (folder / TEXT_ENCODER_FOLDER / PEFT_WEIGHTS).is_file():
+            text_encoder = _inside(root, folder / TEXT_ENCODER_FOLDER / PEFT_WEIGHTS, name)
+            text_encoder_config = folder / TEXT_ENCODER_FOLDER / PEFT_CONFIG
+            if not text_encoder_config.is_file():
+                raise AdapterError(
+                    f"adapter {name!r} has {TEXT_ENCODER_FOLDER}/{PEFT_WEIGHTS} but no {PEFT_CONFIG} beside it"
+                )
+            text_encoder_config = _inside(root, text_encoder_config, name)
         return AdapterFiles(
             name,
             _inside(root, folder / PEFT_WEIGHTS, name),
             _inside(root, config, name),
             _inside(root, twin, name) if twin.is_file() else None,
+            text_encoder,
+            text_encoder_config,
         )
     if (folder / DIFFUSERS_WEIGHTS).is_file():
         return AdapterFiles(name, _inside(root, folder / DIFFUSERS_WEIGHTS, name), None)
@@ -149,8 +166,9 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _peft_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Rewrite PEFT keys for diffusers and fold PEFT's alpha / r scaling into the up (B) matrices."""
+def _peft_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict, model: str) -> dict[str, torch.Tensor]:
+    """Rewrite PEFT keys for diffusers (under `model.`: unet, text_encoder) and fold PEFT's alpha / r scaling
+    into the up (B) matrices."""
     alpha_pattern = config.get("alpha_pattern") or {}
     converted = {}
     for key, tensor in state_dict.items():
@@ -163,8 +181,16 @@ def _peft_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict) -> dic
                 config.get("lora_alpha", rank),
             )
             tensor = tensor * lora_scaling(alpha, rank, bool(config.get("use_rslora")))
-        converted[f"unet.{module_key}"] = tensor
-    return converted
+        converted[f"{model}.{module_key}"] = tensor
+    return _magnitudes_for_transformers(converted) if model == "text_encoder" else converted
+
+
+def _magnitudes_for_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DoRA's magnitude vectors keyed as transformers loads them into a text encoder (`….weight`): under
+    peft's own key (no suffix) it loads nothing there, silently (checked with transformers 5.24)."""
+    return {
+        f"{key}.weight" if key.endswith(f".{DORA_MAGNITUDE}") else key: tensor for key, tensor in state_dict.items()
+    }
 
 
 def _read_file(name: str, path: Path, limit: int, setting: str) -> bytes:
@@ -238,6 +264,20 @@ def _same_weights(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
     )
 
 
+def _read_config(name: str, path: Path, raw: bytes) -> dict:
+    try:
+        config = json.loads(raw)
+    except ValueError as error:
+        raise AdapterError(f"adapter {name!r} has an unreadable {path.name}: {error}") from error
+    if not (
+        isinstance(config, dict)
+        and isinstance(config.get("lora_alpha", 1), (int, float))
+        and isinstance(config.get("alpha_pattern") or {}, dict)
+    ):
+        raise AdapterError(f"adapter {name!r} has a {path.name} without a numeric lora_alpha")
+    return config
+
+
 def read_adapter(files: AdapterFiles, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> AdapterWeights:
     """Read and check an adapter's files without touching the pipeline (it may be rendering)."""
     raw = _read_file(files.name, files.weights, max_bytes, "MAX_ADAPTER_BYTES")
@@ -245,20 +285,15 @@ def read_adapter(files: AdapterFiles, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     if files.config is not None:
         config_bytes = _read_file(files.name, files.config, MAX_CONFIG_BYTES, "what a config needs")
     twin_raw = _read_file(files.name, files.twin, max_bytes, "MAX_ADAPTER_BYTES") if files.twin else b""
+    text_raw = text_config_bytes = b""
+    if files.text_encoder is not None:
+        text_raw = _read_file(files.name, files.text_encoder, max_bytes, "MAX_ADAPTER_BYTES")
+        text_config_bytes = _read_file(files.name, files.text_encoder_config, MAX_CONFIG_BYTES, "what a config needs")
     digest = hashlib.sha256()
-    for part in (raw, config_bytes, twin_raw):
+    for part in (raw, config_bytes, twin_raw, text_raw, text_config_bytes):
         digest.update(part)
     state_dict = _load_tensors(files.name, files.weights, raw)
-    try:
-        config = json.loads(config_bytes) if files.config is not None else None
-    except ValueError as error:
-        raise AdapterError(f"adapter {files.name!r} has an unreadable {PEFT_CONFIG}: {error}") from error
-    if config is not None and not (
-        isinstance(config, dict)
-        and isinstance(config.get("lora_alpha", 1), (int, float))
-        and isinstance(config.get("alpha_pattern") or {}, dict)
-    ):
-        raise AdapterError(f"adapter {files.name!r} has a {PEFT_CONFIG} without a numeric lora_alpha")
+    config = _read_config(files.name, files.config, config_bytes) if files.config is not None else None
     if not state_dict:
         raise AdapterError(f"adapter {files.name!r} holds no tensors")
     _check_matrices(files.name, files.weights.name, state_dict)
@@ -267,7 +302,15 @@ def read_adapter(files: AdapterFiles, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     if any(key.startswith(PEFT_PREFIX) for key in keys):
         if config is None:
             raise AdapterError(f"adapter {files.name!r} has PEFT keys but no {PEFT_CONFIG} to give its alpha")
-        layout, state_dict = "peft", _peft_to_diffusers(state_dict, config)
+        layout, state_dict = "peft", _peft_to_diffusers(state_dict, config, "unet")
+        if files.text_encoder is not None:
+            where = f"{TEXT_ENCODER_FOLDER}/{files.text_encoder.name}"
+            text_state = _load_tensors(files.name, files.text_encoder, text_raw)
+            _check_matrices(files.name, where, text_state)
+            if not text_state or not all(key.startswith(PEFT_PREFIX) for key in text_state):
+                raise AdapterError(f"adapter {files.name!r}: {where} holds no PEFT keys ({PEFT_PREFIX}...)")
+            text_config = _read_config(files.name, files.text_encoder_config, text_config_bytes)
+            state_dict |= _peft_to_diffusers(text_state, text_config, "text_encoder")
     elif any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for key in keys):
         layout = "kohya"
     elif any(key.startswith(("unet.", "text_encoder.")) for key in keys):
@@ -558,33 +601,71 @@ def _set_scale(layer, internal_name: str, scale: float, as_tensor: bool) -> None
         layer.scaling[internal_name] = torch.tensor(value, device=weight.device, dtype=weight.dtype)
 
 
-def save_adapter(folder: Path, lora_state: dict[str, torch.Tensor], config, kohya_file: str | None = None) -> None:
-    """Write a UNet LoRA in the layouts the ecosystem loads, side by side in `folder`:
+def save_adapter(
+    folder: Path,
+    lora_state: dict[str, torch.Tensor],
+    config,
+    kohya_file: str | None = None,
+    text_encoder_state: dict[str, torch.Tensor] | None = None,
+    text_encoder_config=None,
+) -> None:
+    """Write a LoRA (or DoRA) of the UNet, and optionally of the text encoder, in the layouts the ecosystem
+    loads, side by side in `folder`:
 
-    - PEFT (`adapter_model.safetensors` with `base_model.model.` keys + `adapter_config.json`), which
-      `PeftModel.from_pretrained` and the seed project read;
-    - diffusers (`pytorch_lora_weights.safetensors`, `unet.` keys, alpha / r folded into the up
-      matrices), which stock `pipe.load_lora_weights` reads;
-    - with `kohya_file`, the kohya / A1111 single file (`lora_unet_...` keys with their alphas), which the
-      A1111 web UI and ComfyUI load (a worker reads the PEFT file of the folder and ignores it).
+    - PEFT (`adapter_model.safetensors` with `base_model.model.` keys + `adapter_config.json`, the text
+      encoder's the same in `text_encoder/`), which `PeftModel.from_pretrained` and the seed project read;
+    - diffusers (`pytorch_lora_weights.safetensors`, `unet.` and `text_encoder.` keys, alpha / r folded into
+      the up matrices), which stock `pipe.load_lora_weights` reads;
+    - with `kohya_file`, the kohya / A1111 single file (`lora_unet_...` / `lora_te_...` keys with their
+      alphas, DoRA's magnitudes as `dora_scale`), which the A1111 web UI and ComfyUI load (a worker reads
+      the PEFT files of the folder and ignores it).
 
-    `lora_state` has PEFT's module keys (`...to_q.lora_A.weight`); `config` is the peft LoraConfig.
+    The states have PEFT's module keys (`...to_q.lora_A.weight`); the configs are peft LoraConfigs.
     """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in lora_state.items()}
-    save_file({PEFT_PREFIX + key: tensor for key, tensor in tensors.items()}, folder / PEFT_WEIGHTS, {"format": "pt"})
-    config.save_pretrained(folder)
-    scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
-    diffusers_state = {
-        f"unet.{key}": tensor * scaling if ".lora_B." in key else tensor for key, tensor in tensors.items()
-    }
+    parts = [("unet", lora_state, config, folder)]
+    if text_encoder_state is not None:
+        parts.append(("text_encoder", text_encoder_state, text_encoder_config, folder / TEXT_ENCODER_FOLDER))
+    diffusers_state = {}
+    for prefix, state, part_config, part_folder in parts:
+        part_folder.mkdir(parents=True, exist_ok=True)
+        tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in state.items()}
+        save_file({PEFT_PREFIX + key: t for key, t in tensors.items()}, part_folder / PEFT_WEIGHTS, {"format": "pt"})
+        part_config.save_pretrained(part_folder)
+        scaling = lora_scaling(part_config.lora_alpha, part_config.r, part_config.use_rslora)
+        part_state = {
+            f"{prefix}.{key}": tensor * scaling if ".lora_B." in key else tensor for key, tensor in tensors.items()
+        }
+        diffusers_state |= _magnitudes_for_transformers(part_state) if prefix == "text_encoder" else part_state
     save_file(diffusers_state, folder / DIFFUSERS_WEIGHTS, {"format": "pt"})
     if kohya_file is not None:
-        from diffusers.utils import convert_state_dict_to_kohya
+        save_file(_to_kohya(diffusers_state), folder / kohya_file, {"format": "pt"})
 
-        kohya_state = {
-            key: tensor.contiguous() for key, tensor in convert_state_dict_to_kohya(diffusers_state).items()
-        }
-        save_file(kohya_state, folder / kohya_file, {"format": "pt"})
+
+def _to_kohya(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' converter for the LoRA matrices; DoRA's magnitude vectors, which it does not know, as the
+    `dora_scale` of the same module in LyCORIS' shape (out_features, 1, ...), which the A1111 web UI and
+    ComfyUI read. diffusers' own kohya loader drops `dora_scale` (it says so) for SD 1.x."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    magnitudes = {key: t for key, t in diffusers_state.items() if f".{DORA_MAGNITUDE}" in key}
+    kohya = convert_state_dict_to_kohya({key: t for key, t in diffusers_state.items() if key not in magnitudes})
+    for key, tensor in magnitudes.items():
+        module = key.split(f".{DORA_MAGNITUDE}")[0]
+        down = diffusers_state[f"{module}.lora_A.weight"]
+        converted = convert_state_dict_to_kohya({f"{module}.lora_A.weight": down})
+        (down_key,) = (name for name in converted if name.endswith(".lora_down.weight"))
+        kohya[down_key.replace(".lora_down.weight", ".dora_scale")] = tensor.reshape(-1, *[1] * (down.ndim - 1))
+    return {_kohya_text_encoder_name(key): tensor.contiguous() for key, tensor in kohya.items()}
+
+
+def _kohya_text_encoder_name(key: str) -> str:
+    """SD 1.x's kohya name for a text encoder module, `lora_te_text_model_encoder_layers_…` as A1111 writes
+    it: diffusers' converter writes SDXL's `lora_te1_`, and transformers 5 dropped CLIPTextModel's
+    `text_model.` from its module names."""
+    if not key.startswith("lora_te1_"):
+        return key
+    module = key.removeprefix("lora_te1_")
+    return "lora_te_" + (module if module.startswith("text_model_") else f"text_model_{module}")
