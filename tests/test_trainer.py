@@ -466,6 +466,11 @@ def test_convolutions_and_a_text_encoder_trained_serve_alike_from_every_file(fli
     card = (output / "README.md").read_text()
     assert ("DoRA (weight-decomposed LoRA)" in card) == bool(dora) and "`--target-modules locon`" in card
     assert "text encoder's k_proj, out_proj, q_proj, v_proj (learning rate 0.005)" in card
+    # Readable by workers running as another user, the text encoder's folder included (root, as in these
+    # tests, would read it whatever its mode).
+    for folder, _, files in os.walk(output):
+        assert os.stat(folder).st_mode & 0o777 == 0o755, folder
+        assert all(os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644 for name in files), folder
     unet_state = load_file(output / "adapter_model.safetensors")
     text_state = load_file(output / "text_encoder" / "adapter_model.safetensors")
     assert any(key.endswith(".conv1.lora_A.weight") for key in unet_state)

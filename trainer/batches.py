@@ -44,13 +44,14 @@ def with_trigger_word(caption: str, trigger_word: str | None) -> str:
 
 def bucket_sizes(resolution: int, step: int) -> list[Size]:
     """Sizes of at most resolution² pixels, as close to it as sides in multiples of `step` allow, from
-    1:MAX_ASPECT_RATIO to MAX_ASPECT_RATIO:1 (at 512 and 64: …, 640×384, 576×448, 512×512, 448×576, …)."""
+    1:MAX_ASPECT_RATIO to MAX_ASPECT_RATIO:1 (at 512 and 64: …, 640×384, 576×448, 512×512, 448×576, …):
+    each landscape size with its portrait twin."""
     area = resolution * resolution
     sizes = set()
-    for width in range(step, int(resolution * MAX_ASPECT_RATIO) + 1, step):
+    for width in range(resolution // step * step, int(resolution * MAX_ASPECT_RATIO) + 1, step):
         height = area // width // step * step
-        if height >= step and max(width / height, height / width) <= MAX_ASPECT_RATIO:
-            sizes.add((width, height))
+        if height >= step and width / height <= MAX_ASPECT_RATIO:
+            sizes |= {(width, height), (height, width)}
     return sorted(sizes)
 
 
@@ -96,8 +97,8 @@ class TrainingImages:
 
     def merge_small_buckets(self, batch_size: int) -> list[str]:
         """Move the images of every bucket holding fewer than `batch_size` of them into the nearest bucket (by
-        aspect ratio) that holds enough, so that every batch is whole; says what moved. Raises ValueError
-        when no bucket holds enough."""
+        aspect ratio) that holds enough, so that no bucket gives only partial batches (a bucket's last batch
+        may still be partial); says what moved. Raises ValueError when no bucket holds enough."""
         grouped = self.buckets()
         full = [size for size, members in grouped.items() if len(members) >= batch_size]
         if not full:
@@ -253,8 +254,9 @@ class MicroBatches(torch.utils.data.Dataset):
 
     An item holds, for its examples: the latent distributions read from the cache (one stacked tensor when
     all were there; otherwise a list with None where one is missing, and the missing ones' pixels), the
-    captions' text states likewise (None for all when they are not cached), and each example's latent
-    sample `epsilon`, `noise` and `timesteps`, drawn in that order from its own generator.
+    captions' text states likewise (None for all when they are not cached) with the missing ones' token
+    ids, and each example's latent sample `epsilon`, `noise` and `timesteps`, drawn in that order from its
+    own generator. Everything is a tensor the DataLoader can pin, for copies that do not wait.
     """
 
     def __init__(
@@ -268,6 +270,7 @@ class MicroBatches(torch.utils.data.Dataset):
         noise_offset: float,
         cache: EncodingCache | None,
         cache_text: bool,
+        tokenizer,
         length: int,
     ) -> None:
         self.images, self.plan = images, plan
@@ -276,6 +279,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.num_train_timesteps = num_train_timesteps
         self.noise_offset = noise_offset
         self.cache, self.cache_text = cache, cache_text
+        self.tokenizer = tokenizer
         self.length = length
 
     def __len__(self) -> int:
@@ -296,6 +300,16 @@ class MicroBatches(torch.utils.data.Dataset):
         read_s = time.perf_counter() - started
         missing = [k for k, latent in enumerate(latents) if latent is None]
         pixels = torch.from_numpy(np.stack([self.images.pixels(examples[k]) for k in missing])) if missing else None
+        uncached = [caption for caption, text in zip(captions, texts, strict=True) if text is None]
+        input_ids = None
+        if uncached:
+            input_ids = self.tokenizer(
+                uncached,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
 
         width, height = self.images.sizes[examples[0].index]
         space = self.latent_space
@@ -312,7 +326,8 @@ class MicroBatches(torch.utils.data.Dataset):
             "latents": torch.stack(latents) if not missing else latents,
             "pixels": pixels,
             "captions": captions,
-            "texts": torch.stack(texts) if all(text is not None for text in texts) else texts,
+            "texts": torch.stack(texts) if not uncached else texts,
+            "input_ids": input_ids,
             "epsilon": epsilon,
             "noise": noise,
             "timesteps": timesteps,

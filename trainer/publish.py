@@ -83,7 +83,7 @@ def publish(
     targets = ", ".join(sorted(lora_config.target_modules))
     text_encoder = (
         f"; and on the text encoder's {', '.join(sorted(trained.text_encoder_config.target_modules))} "
-        f"(learning rate {config.text_encoder_lr or config.learning_rate})"
+        f"(learning rate {config.learning_rate if config.text_encoder_lr is None else config.text_encoder_lr})"
         if trained.text_encoder_config is not None
         else "; the text encoder is not adapted"
     )
@@ -136,9 +136,10 @@ def publish(
     ]
     (staging / "README.md").write_text("\n".join(card) + "\n")
     # mkdtemp and safetensors create owner-only files; workers often run as another user (in containers).
-    staging.chmod(0o755)
-    for path in staging.iterdir():
-        path.chmod(0o644)
+    for folder, _, files in os.walk(staging):  # text_encoder/ too, when trained
+        Path(folder).chmod(0o755)
+        for name in files:
+            Path(folder, name).chmod(0o644)
     replace_folder(staging, config.output)
     print(f"published {config.output}")
     return config.output

@@ -316,6 +316,8 @@ def check_config(config: TrainConfig) -> None:
     target_modules(config.target_modules)
     if config.text_encoder_lr is not None and not config.train_text_encoder:
         raise ValueError("--text-encoder-lr is the text encoder LoRA's: add --train-text-encoder")
+    if config.learning_rate <= 0 or (config.text_encoder_lr is not None and config.text_encoder_lr <= 0):
+        raise ValueError("--learning-rate and --text-encoder-lr must be more than 0")
     if config.buckets:
         if config.bucket_step < 8 or config.bucket_step % 8 or config.bucket_step > config.resolution:
             raise ValueError(
@@ -405,7 +407,8 @@ def work_folder(config: TrainConfig) -> Path:
 def default_mixed_precision() -> str:
     """bf16 on a GPU that has it (Ampere and newer): the speed of fp16 without its grad scaler's host sync
     and overflow; full precision elsewhere."""
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Without emulation: a V100 or T4 "supports" bf16 only in slow software.
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
 
 
 def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
@@ -501,10 +504,17 @@ def train(config: TrainConfig) -> Path:
         "batch_size": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "seed": config.seed,
+        "data": str(config.data),
+        "holdout_fraction": config.holdout_fraction,
         "resolution": config.resolution,
-        "buckets": config.bucket_step if config.buckets else False,
+        "flip": config.flip,
+        "buckets": [config.bucket_step, config.bucket_max_upscale] if config.buckets else False,
         "caption_dropout": config.caption_dropout,
         "trigger_word": config.trigger_word,
+        "rank": config.rank,
+        "target_modules": config.target_modules,
+        "use_dora": config.use_dora,
+        "train_text_encoder": config.train_text_encoder,
     }
     checkpoints = work / CHECKPOINTS
     resume_from = None
@@ -596,7 +606,8 @@ def train(config: TrainConfig) -> Path:
     max_steps = config.max_steps or plan.steps(config.epochs, examples_per_step)
     groups = [{"params": unet_parameters}]
     if text_parameters:
-        groups.append({"params": text_parameters, "lr": config.text_encoder_lr or config.learning_rate})
+        text_lr = config.learning_rate if config.text_encoder_lr is None else config.text_encoder_lr
+        groups.append({"params": text_parameters, "lr": text_lr})
     if config.use_8bit_adam:
         try:
             import bitsandbytes
@@ -655,7 +666,8 @@ def train(config: TrainConfig) -> Path:
     if main_process:
         _truncate_metrics(work / "metrics.jsonl", step)  # steps after the checkpoint are run again
 
-    # TensorBoard (and W&B): a resumed run replaces what the interrupted one logged after its checkpoint.
+    # TensorBoard: a resumed run replaces what the interrupted one logged after its checkpoint (in W&B, a
+    # resumed run is a run of its own).
     hyperparameters = {key: _loggable(value) for key, value in asdict(config).items()}
     accelerator.init_trackers(TENSORBOARD_RUN, hyperparameters, init_kwargs={"tensorboard": {"purge_step": step + 1}})
     accelerator.print(f"TensorBoard: tensorboard --logdir {work / TENSORBOARD_RUN}")
@@ -680,7 +692,8 @@ def train(config: TrainConfig) -> Path:
         encoders_needed = bool(missing)
         state = f"{len(names) - len(missing)} of {len(names)} entries"
         if not missing:
-            state += "; complete, so the VAE and the text encoder load only for validation"
+            frozen = "the VAE" if text_encoder is not None else "the VAE and the text encoder"
+            state += f"; complete, so {frozen} load(s) only for validation"
         accelerator.print(f"encoder cache: {cache.folder} ({state})")
 
     dataset = MicroBatches(
@@ -693,6 +706,7 @@ def train(config: TrainConfig) -> Path:
         config.noise_offset,
         cache,
         cache_text,
+        tokenizer,
         max_steps * config.gradient_accumulation_steps,
     )
     workers = config.dataloader_workers
@@ -711,6 +725,14 @@ def train(config: TrainConfig) -> Path:
     def on_device(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(accelerator.device, non_blocking=True)
 
+    def still_missing(parts: list, names: list[str], missing: list[int]) -> list[int]:
+        """Fill in the entries written since a DataLoader worker found them missing (it reads ahead of the
+        step that writes them); what remains must be encoded. Each entry is so encoded once."""
+        if cache is not None:
+            for k in missing:
+                parts[k] = cache.read(names[k])
+        return [k for k in missing if parts[k] is None]
+
     def latents_of(item: dict) -> torch.Tensor:
         """The examples' latents: their cached distributions, the missing ones encoded in one batch."""
         parameters = item["latents"]
@@ -720,19 +742,24 @@ def train(config: TrainConfig) -> Path:
                 cache.count(len(parameters), 0, item["cache_read_s"])
         else:
             missing = [k for k, entry in enumerate(parameters) if entry is None]
-            started = time.perf_counter()
-            with torch.no_grad():
-                pixels = item["pixels"].to(accelerator.device, dtype=weight_dtype)
-                computed = encoders.vae().encode(pixels).latent_dist.parameters
             parts = list(parameters)
-            for k, tensor in zip(missing, computed, strict=True):
-                parts[k] = tensor
-                if cache is not None:
-                    cache.write(item["latent_names"][k], tensor)
-            if cache is not None:
-                cache.count(
-                    len(parts) - len(missing), len(missing), item["cache_read_s"], time.perf_counter() - started
+            encode = still_missing(parts, item["latent_names"], missing)
+            started = time.perf_counter()
+            if encode:
+                # The worker's pixels are the missing examples' (pinned): all of them, unless some appeared since.
+                pixels = (
+                    item["pixels"]
+                    if len(encode) == len(missing)
+                    else item["pixels"][[missing.index(k) for k in encode]]
                 )
+                with torch.no_grad():
+                    computed = encoders.vae().encode(on_device(pixels).to(weight_dtype)).latent_dist.parameters
+                for k, tensor in zip(encode, computed, strict=True):
+                    parts[k] = tensor
+                    if cache is not None:
+                        cache.write(item["latent_names"][k], tensor)
+            if cache is not None:
+                cache.count(len(parts) - len(encode), len(encode), item["cache_read_s"], time.perf_counter() - started)
             parameters = torch.stack([on_device(part) for part in parts])
         # Sampled from the distribution whether it was cached or not: the same generator, the same latents.
         distribution = DiagonalGaussianDistribution(parameters)
@@ -747,26 +774,27 @@ def train(config: TrainConfig) -> Path:
             if cache is not None:
                 cache.count(len(states), 0)
             return on_device(states)
-        missing = [k for k, entry in enumerate(states) if entry is None]
-        ids = tokenizer(
-            [item["captions"][k] for k in missing],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(accelerator.device)
         if text_encoder is not None:
-            return text_encoder(ids)[0]
-        started = time.perf_counter()
-        with torch.no_grad():
-            computed = encoders.text_encoder()(ids)[0]
+            return text_encoder(on_device(item["input_ids"]))[0]
+        missing = [k for k, entry in enumerate(states) if entry is None]
         parts = list(states)
-        for k, tensor in zip(missing, computed, strict=True):
-            parts[k] = tensor
-            if cache is not None:
-                cache.write(text_name(item["captions"][k]), tensor)
+        names = [text_name(caption) for caption in item["captions"]]
+        encode = still_missing(parts, names, missing)
+        started = time.perf_counter()
+        if encode:
+            ids = (
+                item["input_ids"]
+                if len(encode) == len(missing)
+                else item["input_ids"][[missing.index(k) for k in encode]]
+            )
+            with torch.no_grad():
+                computed = encoders.text_encoder()(on_device(ids))[0]
+            for k, tensor in zip(encode, computed, strict=True):
+                parts[k] = tensor
+                if cache is not None:
+                    cache.write(names[k], tensor)
         if cache is not None:
-            cache.count(len(parts) - len(missing), len(missing), 0.0, time.perf_counter() - started)
+            cache.count(len(parts) - len(encode), len(encode), 0.0, time.perf_counter() - started)
         return torch.stack([on_device(part) for part in parts])
 
     @torch.no_grad()
@@ -777,8 +805,9 @@ def train(config: TrainConfig) -> Path:
         count = min(4, len(images))
         for index in range(count):  # one at a time: with buckets they may differ in size
             item = dataset.prepare([images.example(0, index)], [torch.Generator().manual_seed(config.seed + index)])
+            latents = latents_of(item)  # as in the loop: what either writes to the cache is the same
             with accelerator.autocast():
-                latents, states = latents_of(item), text_states(item)
+                states = text_states(item)
             noise = on_device(item["noise"])
             for timestep in torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, 4).long():
                 timesteps = timestep.reshape(1).to(latents.device)
@@ -954,7 +983,9 @@ def train(config: TrainConfig) -> Path:
                 "steps": max_steps,
                 "processes": processes,
                 "mixed_precision": config.mixed_precision,
-                "buckets": {f"{w}x{h}": len(m) for (w, h), m in sorted(images.buckets().items())},
+                "buckets": {f"{w}x{h}": len(m) for (w, h), m in sorted(images.buckets().items())}
+                if config.buckets
+                else None,
                 "skipped_images": dict(report.counts),
             }
         )
@@ -1001,10 +1032,15 @@ def _latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
+OPTIONS_BEFORE_THEY_WERE_RECORDED = {"buckets": False, "target_modules": "attention", "use_dora": False}
+OPTIONS_BEFORE_THEY_WERE_RECORDED["train_text_encoder"] = False
+"""What a checkpoint written before these options existed was trained with (others it lacks are not checked)."""
+
+
 def _check_same_run(checkpoint: Path, run_shape: dict) -> None:
     """A checkpoint continues only the run that made it: with other processes, batch, seed, buckets or
     captions, the data position and the learning-rate schedule would silently shift."""
-    saved = json.loads((checkpoint / "progress.json").read_text())
+    saved = OPTIONS_BEFORE_THEY_WERE_RECORDED | json.loads((checkpoint / "progress.json").read_text())
     differences = [
         f"{key.replace('_', ' ')} {saved[key]} then, {value} now"
         for key, value in run_shape.items()
@@ -1013,8 +1049,7 @@ def _check_same_run(checkpoint: Path, run_shape: dict) -> None:
     if differences:
         raise ValueError(
             f"{checkpoint} belongs to a run of another shape ({'; '.join(differences)}): resume it with the same "
-            "number of processes, --batch-size, --gradient-accumulation-steps, --seed, --resolution, --buckets "
-            "(and --bucket-step), --caption-dropout and --trigger-word, or start afresh"
+            "options and number of processes, or start afresh"
         )
 
 
