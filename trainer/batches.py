@@ -296,7 +296,8 @@ class MicroBatches(torch.utils.data.Dataset):
         latent_names = [self.images.latent_name(example) for example in examples]
         latents = [self.cache.read(name) if self.cache else None for name in latent_names]
         captions = [example.caption for example in examples]
-        texts = [self.cache.read(text_name(text)) if self.cache and self.cache_text else None for text in captions]
+        text_names = [text_name(caption) for caption in captions]
+        texts = [self.cache.read(name) if self.cache and self.cache_text else None for name in text_names]
         read_s = time.perf_counter() - started
         missing = [k for k, latent in enumerate(latents) if latent is None]
         pixels = torch.from_numpy(np.stack([self.images.pixels(examples[k]) for k in missing])) if missing else None
@@ -325,7 +326,7 @@ class MicroBatches(torch.utils.data.Dataset):
             "latent_names": latent_names,
             "latents": torch.stack(latents) if not missing else latents,
             "pixels": pixels,
-            "captions": captions,
+            "text_names": text_names,
             "texts": torch.stack(texts) if not uncached else texts,
             "input_ids": input_ids,
             "epsilon": epsilon,

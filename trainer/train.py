@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer.batches import BatchPlan, LatentSpace, MicroBatches, TrainingImages, text_name, with_trigger_word
+from trainer.batches import BatchPlan, LatentSpace, MicroBatches, TrainingImages, with_trigger_word
 from trainer.cache import EncodingCache, cache_key, data_fingerprint
 from trainer.data import SkipReport, load_records, split_by_image
 from trainer.publish import HELD_OUT, TrainedAdapter, notify_workers, publish
@@ -696,12 +696,13 @@ def train(config: TrainConfig) -> Path:
             state += f"; complete, so {frozen} load(s) only for validation"
         accelerator.print(f"encoder cache: {cache.folder} ({state})")
 
+    latent_space = LatentSpace.of(vae_config)
     dataset = MicroBatches(
         images,
         plan,
         processes,
         rank,
-        LatentSpace.of(vae_config),
+        latent_space,
         noise_scheduler.config.num_train_timesteps,
         config.noise_offset,
         cache,
@@ -720,82 +721,61 @@ def train(config: TrainConfig) -> Path:
         pin_memory=accelerator.device.type == "cuda",
         prefetch_factor=2 if workers else None,
     )
-    scaling_factor = LatentSpace.of(vae_config).scaling_factor
 
     def on_device(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(accelerator.device, non_blocking=True)
 
-    def still_missing(parts: list, names: list[str], missing: list[int]) -> list[int]:
-        """Fill in the entries written since a DataLoader worker found them missing (it reads ahead of the
-        step that writes them); what remains must be encoded. Each entry is so encoded once."""
+    def cached_or_encoded(entries, names: list[str], rows, encode, read_s: float = 0.0) -> torch.Tensor:
+        """The examples' encodings, stacked: those a DataLoader worker read from the cache (one tensor when it
+        found all), the rest encoded in one batch from `rows` (pixels or token ids, pinned: one row per
+        missing entry) and written to the cache. An entry written since the worker looked (it reads ahead
+        of the step that writes) is read rather than encoded twice."""
+        if isinstance(entries, torch.Tensor):
+            if cache is not None:
+                cache.count(len(entries), 0, read_s)
+            return on_device(entries)
+        missing = [k for k, entry in enumerate(entries) if entry is None]
+        parts = list(entries)
         if cache is not None:
             for k in missing:
                 parts[k] = cache.read(names[k])
-        return [k for k in missing if parts[k] is None]
-
-    def latents_of(item: dict) -> torch.Tensor:
-        """The examples' latents: their cached distributions, the missing ones encoded in one batch."""
-        parameters = item["latents"]
-        if isinstance(parameters, torch.Tensor):
-            parameters = on_device(parameters)
-            if cache is not None:
-                cache.count(len(parameters), 0, item["cache_read_s"])
-        else:
-            missing = [k for k, entry in enumerate(parameters) if entry is None]
-            parts = list(parameters)
-            encode = still_missing(parts, item["latent_names"], missing)
-            started = time.perf_counter()
-            if encode:
-                # The worker's pixels are the missing examples' (pinned): all of them, unless some appeared since.
-                pixels = (
-                    item["pixels"]
-                    if len(encode) == len(missing)
-                    else item["pixels"][[missing.index(k) for k in encode]]
-                )
-                with torch.no_grad():
-                    computed = encoders.vae().encode(on_device(pixels).to(weight_dtype)).latent_dist.parameters
-                for k, tensor in zip(encode, computed, strict=True):
-                    parts[k] = tensor
-                    if cache is not None:
-                        cache.write(item["latent_names"][k], tensor)
-            if cache is not None:
-                cache.count(len(parts) - len(encode), len(encode), item["cache_read_s"], time.perf_counter() - started)
-            parameters = torch.stack([on_device(part) for part in parts])
-        # Sampled from the distribution whether it was cached or not: the same generator, the same latents.
-        distribution = DiagonalGaussianDistribution(parameters)
-        epsilon = on_device(item["epsilon"]).to(distribution.mean)
-        return ((distribution.mean + distribution.std * epsilon) * scaling_factor).float()
-
-    def text_states(item: dict) -> torch.Tensor:
-        """The captions' text encoder states: cached, or the missing ones encoded in one batch (every one,
-        with gradients, when the text encoder trains)."""
-        states = item["texts"]
-        if isinstance(states, torch.Tensor):
-            if cache is not None:
-                cache.count(len(states), 0)
-            return on_device(states)
-        if text_encoder is not None:
-            return text_encoder(on_device(item["input_ids"]))[0]
-        missing = [k for k, entry in enumerate(states) if entry is None]
-        parts = list(states)
-        names = [text_name(caption) for caption in item["captions"]]
-        encode = still_missing(parts, names, missing)
+        still = [k for k in missing if parts[k] is None]
         started = time.perf_counter()
-        if encode:
-            ids = (
-                item["input_ids"]
-                if len(encode) == len(missing)
-                else item["input_ids"][[missing.index(k) for k in encode]]
-            )
+        if still:
+            if len(still) < len(missing):
+                rows = rows[[missing.index(k) for k in still]]
             with torch.no_grad():
-                computed = encoders.text_encoder()(on_device(ids))[0]
-            for k, tensor in zip(encode, computed, strict=True):
+                computed = encode(on_device(rows))
+            for k, tensor in zip(still, computed, strict=True):
                 parts[k] = tensor
                 if cache is not None:
                     cache.write(names[k], tensor)
         if cache is not None:
-            cache.count(len(parts) - len(encode), len(encode), 0.0, time.perf_counter() - started)
+            cache.count(len(parts) - len(still), len(still), read_s, time.perf_counter() - started)
         return torch.stack([on_device(part) for part in parts])
+
+    def latents_of(item: dict) -> torch.Tensor:
+        """The examples' latents, sampled from their distributions (cached, or encoded now)."""
+        parameters = cached_or_encoded(
+            item["latents"],
+            item["latent_names"],
+            item["pixels"],
+            lambda pixels: encoders.vae().encode(pixels.to(weight_dtype)).latent_dist.parameters,
+            item["cache_read_s"],
+        )
+        # Sampled from the distribution whether it was cached or not: the same generator, the same latents.
+        distribution = DiagonalGaussianDistribution(parameters)
+        epsilon = on_device(item["epsilon"]).to(distribution.mean)
+        return ((distribution.mean + distribution.std * epsilon) * latent_space.scaling_factor).float()
+
+    def text_states(item: dict) -> torch.Tensor:
+        """The captions' text encoder states: cached, or encoded now (every one, with gradients, when the text
+        encoder trains)."""
+        if text_encoder is not None:
+            return text_encoder(on_device(item["input_ids"]))[0]
+        return cached_or_encoded(
+            item["texts"], item["text_names"], item["input_ids"], lambda ids: encoders.text_encoder()(ids)[0]
+        )
 
     @torch.no_grad()
     def fixed_batch_loss() -> float:
