@@ -14,8 +14,9 @@ from kombu.transport.redis import Channel as RedisChannel
 
 from imagine.client import ImagineClient
 from imagine.contract import parse_job_options
-from imagine.queue import make_celery, send_job
-from tests.helpers import run_cli, service_settings, wait_for
+from imagine.images import encode_image, image_digest
+from imagine.queue import make_celery, send_job, task_id
+from tests.helpers import photo, run_cli, service_settings, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -113,16 +114,28 @@ def test_a_message_that_disagrees_with_its_stored_job_renders_nothing(start_work
     busy = client.submit(BUSY)
     wait_for(lambda: client.job(busy.job_id).state == "running", 30, "the worker to be busy")
     job = client.submit({**SMALL, "prompt": "the prompt the user typed", "seed": 3})
-    # Another job's id and attempt, with options of its own.
+    start = encode_image(photo(64, 64))
+    from_image = client.submit({**SMALL, "image": start, "strength": 0.5})
+    # The image is kept once, in the job's record: its message names it by its digest.
+    waiting = [json.loads(raw) for raw in client.store.redis.lrange(worker.settings.queue_name, 0, -1)]
+    (message,) = [envelope for envelope in waiting if envelope["headers"]["id"] == task_id(from_image.job_id, 1)]
+    sent = json.loads(base64.b64decode(message["body"]))[1]["options"]
+    assert sent["image"] == f"sha256:{image_digest(start)}" and len(json.dumps(message)) < 4096
+    # Another job's id and attempt, with options of its own: another prompt, another image.
     forged = {**client.job(job.job_id).options, "prompt": "a forged prompt"}
     send_job(client.app, job.job_id, forged, attempt=1)
+    send_job(client.app, from_image.job_id, {**sent, "image": encode_image(photo(64, 48))}, attempt=1)
     client.cancel(busy.job_id)
 
     events = list(client.events(job.job_id))
     assert kinds(events).count("started") == 1 and kinds(events)[-1] == "done"
     assert client.result(job.job_id).meta.prompt == "the prompt the user typed"
-    (letter,) = wait_for(client.store.dead_letters, 30, "the forged message to be refused")
-    assert letter.kind == "disagrees" and "differ from job" in letter.reason and "prompt" in letter.reason
+    assert kinds(client.events(from_image.job_id))[-1] == "done"
+    assert client.result(from_image.job_id).meta.init_image == image_digest(start)
+    letters = wait_for(lambda: len(client.store.dead_letters()) == 2 and client.store.dead_letters(), 30, "refusals")
+    reasons = sorted(letter.reason for letter in letters)
+    assert {letter.kind for letter in letters} == {"disagrees"} and all("differ from job" in r for r in reasons)
+    assert sorted(reason.rsplit(" in ", 1)[1] for reason in reasons) == ["image", "prompt"], reasons
     assert "a forged prompt" not in worker.log_path.read_text()
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.images import image_digest
 from imagine.logs import job_context
-from imagine.queue import RefusedMessage, task_id
+from imagine.queue import RefusedMessage, message_options, task_id
 from imagine.store import (
     DEAD_LETTER_BYTES,
     REDIS_UNREACHABLE,
@@ -295,7 +295,8 @@ class JobRunner:
 
     def receive(self, attempt: Attempt, options: dict[str, Any]) -> JobRecord:
         """The stored job is the truth: a message for a job never recorded, or whose options are not the
-        job's, is refused (RefusedMessage), and the job itself is left as it is."""
+        job's (an init image compared by its digest, as messages carry it), is refused (RefusedMessage),
+        and the job itself is left as it is."""
         task = task_id(attempt.job_id, attempt.number)
         try:
             record = until_redis_answers("reading the job", lambda: self.store.get(attempt.job_id))
@@ -305,9 +306,10 @@ class JobRunner:
             raise RefusedMessage(
                 DeadLetterKind.UNKNOWN_JOB, f"no job {attempt.job_id} is recorded (never submitted, or expired)", task
             )
-        if record.options != options:
-            names = {*record.options, *options}
-            differing = sorted(str(name)[:40] for name in names if record.options.get(name) != options.get(name))
+        stored, sent = message_options(record.options), message_options(options)
+        if stored != sent:
+            names = {*stored, *sent}
+            differing = sorted(str(name)[:40] for name in names if stored.get(name) != sent.get(name))
             listed = ", ".join(differing[:10]) + (", ..." if len(differing) > 10 else "")
             raise RefusedMessage(
                 DeadLetterKind.DISAGREES, f"its options differ from job {attempt.job_id}'s in {listed}", task
