@@ -310,17 +310,22 @@ def nearly_the_same(first: bytes, second: bytes, max_share: float = 0.05) -> boo
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def make_lora_state(unet, seed: int, rank: int = 4, alpha: float = 4.0, std: float = 0.3):
+def make_lora_state(
+    unet, seed: int, rank: int = 4, alpha: float = 4.0, std: float = 0.3, use_dora=False, targets=TARGET_MODULES
+):
     """A PeftModel around `unet` with seeded, non-zero LoRA weights (a trained adapter stand-in; the default
-    `std` is far larger than a trained adapter's, so that its images differ visibly from the base model's)."""
+    `std` is far larger than a trained adapter's, so that its images differ visibly from the base model's).
+    DoRA's magnitudes start as peft sets them (the base weights' norms) and move by a few percent."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), use_dora=use_dora)
     model = get_peft_model(unet, config)
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in model.named_parameters():
-        if "lora_" in name:
+        if "lora_magnitude_vector" in name:
+            parameter.data *= 1 + torch.randn(parameter.shape, generator=generator) * 0.05
+        elif "lora_" in name:
             parameter.data = torch.randn(parameter.shape, generator=generator) * std
     return model
 

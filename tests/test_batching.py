@@ -8,14 +8,26 @@ import uuid
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
+from torch._dynamo.utils import counters
 
 from imagine.client import ImagineClient
 from imagine.contract import Limits, parse_job_options
-from tests.helpers import make_lora_state, nearly_the_same, pixels, service_settings, wait_for, write_adapter
+from tests.helpers import (
+    TARGET_MODULES,
+    make_lora_state,
+    nearly_the_same,
+    pixels,
+    service_settings,
+    wait_for,
+    write_adapter,
+)
 from worker.adapters import AdapterRegistry
-from worker.pipeline import choose_placement, compile_pipeline, load_pipeline
+from worker.pipeline import choose_placement, compile_pipeline, load_pipeline, serve_compiled_shapes_only
 from worker.renderer import Renderer
+from worker.service import warm_up_batches
+from worker.settings import WorkerSettings
 
 LIMITS = Limits()
 # A worker under this address-space limit renders 4 images of SIDE² (peak 1.9 GiB) and not 8 (2.5 GiB): the
@@ -158,27 +170,104 @@ def test_versions_in_every_layout_swapped_in_turn_render_like_fresh_loads(
         fresh_pipe.delete_adapters(fresh_registry.loaded["swapped"].internal_name)
 
 
-def test_compiled_renders_as_eager_and_reloads_and_switches_never_recompile(tiny_pipe, lora_dir, adapter_weights):
+def test_a_dora_version_is_copied_into_place_and_a_swap_diffusers_fails_never_loses_the_adapter(
+    tiny_pipe, lora_dir, model_cache
+):
+    def unet():
+        return load_pipeline("tiny", choose_placement("cpu", "float32"), model_cache, safety_checker=False).unet
+
+    def like_a_fresh_load(name: str) -> bool:
+        fresh_pipe = load_pipeline("tiny", choose_placement("cpu", "float32"), model_cache, safety_checker=False)
+        fresh_registry = AdapterRegistry(fresh_pipe, lora_dir)
+        fresh_registry.load(name)
+        fresh = Renderer(fresh_pipe, fresh_registry, "", allow_safety_checker_off=False).render(job(adapter=name))
+        return pixels(renderer.render(job(adapter=name)).images[0]) == pixels(fresh.images[0])
+
+    registry = AdapterRegistry(tiny_pipe, lora_dir)
+    renderer = Renderer(tiny_pipe, registry, "", allow_safety_checker_off=False)
+    write_adapter(lora_dir / "dora", "peft", make_lora_state(unet(), seed=1, alpha=8.0, use_dora=True))
+    first, *_ = [registry.load(name) for name in ("dora", "other", "flickr30k")]
+    renderer.render(job(adapter="dora"))
+    shutil.rmtree(lora_dir / "dora")
+    write_adapter(lora_dir / "dora", "peft", make_lora_state(unet(), seed=2, alpha=8.0, use_dora=True))
+    assert registry.load("dora").internal_name == first.internal_name  # magnitudes and matrices copied in place
+    assert like_a_fresh_load("dora")
+
+    # As many modules as the loaded version, not the same ones. In a kohya file that shows only as diffusers'
+    # hotswap fails, and it drops the adapter it was swapping into on its way out (its layers too, where it was
+    # the active one); in a diffusers file it shows before. Either way the new version loads beside and serves,
+    # and nothing is left of the old one, active or not.
+    for layout, active, targets in (
+        ("kohya", "other", ["to_k", "to_v", "to_out.0", "conv1"]),
+        ("diffusers", "flickr30k", TARGET_MODULES),
+    ):
+        renderer.render(job(adapter=active))
+        before = registry.loaded["other"]
+        state = make_lora_state(unet(), seed=len(targets), alpha=8.0, targets=targets)
+        for stale in lora_dir.glob("other*"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        write_adapter(lora_dir / "other", layout, state)
+        after = registry.load("other")
+        assert after.internal_name != before.internal_name and after.version != before.version
+        assert not [layer for layer in registry.layers() if before.internal_name in layer.lora_A]
+        assert like_a_fresh_load("other")
+
+
+def test_after_the_warm_up_no_job_compiles_and_reloads_and_switches_never_recompile(
+    tiny_pipe, lora_dir, adapter_weights
+):
     registry = AdapterRegistry(tiny_pipe, lora_dir, fuse="flickr30k", scales_as_tensors=True)
     renderer = Renderer(tiny_pipe, registry, "flickr30k", allow_safety_checker_off=False)
     tiny_pipe.enable_lora_hotswap(target_rank=8)  # before the first adapter, as the worker does with COMPILE
     for name in ("flickr30k", "other"):
         registry.load(name)
     paths = [job(), job(adapter="other"), job(adapter="none")]  # fused, LoRA layers, the base model
+    unwarmed = [job(num_images_per_prompt=2), job(width=72), job(prompt="a dog, " + "on a beach, " * 30)]
     eager = [renderer.render(options).images[0] for options in paths]
+    eager_unwarmed = [renderer.render(options).images for options in unwarmed]
 
     # A backend that runs the graphs dynamo captures as they are: what is checked is the capture and its guards.
     compile_pipeline(tiny_pipe, "eager", None)
-    warm = [renderer.render(options).images[0] for options in paths]
-    assert all(nearly_the_same(a, b) for a, b in zip(warm, eager, strict=True))
+    settings = WorkerSettings(compile=True, default_adapter="flickr30k", batch_max_images=1, warmup_steps=1,
+                              compile_sizes="64x64")  # fmt: skip
+    for jobs in warm_up_batches(settings, list(registry.loaded)):
+        rendered(renderer, jobs)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            warm = [renderer.render(options).images[0] for options in paths]  # each covered by the warm-up
+            with pytest.raises(RuntimeError, match="Detected recompile"):
+                renderer.render(unwarmed[1])
+        assert all(nearly_the_same(a, b) for a, b in zip(warm, eager, strict=True))
 
-    write_adapter(lora_dir / "other", "diffusers", adapter_weights["v1"])  # a new version of the same shapes
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        registry.load("other")
-        for options in [*paths, job(adapter="other", adapter_scale=0.5), job(adapter_scale=0.7), *paths]:
-            renderer.render(options)
-    # The reloaded adapter now holds the fused one's weights: both paths render the same image.
-    assert nearly_the_same(renderer.render(job(adapter="other")).images[0], renderer.render(job()).images[0])
+        # As the worker serves after its warm-up: a shape the warm-up did not compile renders uncompiled.
+        serve_compiled_shapes_only()
+        graphs = counters["stats"]["unique_graphs"]
+        assert [renderer.render(options).images for options in unwarmed] == eager_unwarmed
+        assert counters["stats"]["unique_graphs"] == graphs
+
+        write_adapter(lora_dir / "other", "diffusers", adapter_weights["v1"])  # a new version of the same shapes
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            registry.load("other")
+            for options in [*paths, job(adapter="other", adapter_scale=0.5), job(adapter_scale=0.7), *paths]:
+                renderer.render(options)
+        # The reloaded adapter now holds the fused one's weights: both paths render the same image.
+        assert nearly_the_same(renderer.render(job(adapter="other")).images[0], renderer.render(job()).images[0])
+    finally:
+        torch.compiler.set_stance("default")  # the stance is the process's; the next tests compile as usual
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ("680by384", "'680by384' is not a size: write WIDTHxHEIGHT, e.g. 680x384"),
+        ("680x384,681x384", "COMPILE_SIZES: 681x384 is not a size jobs may have: width must be a multiple of 8"),
+        ("2048x512", "COMPILE_SIZES: 2048x512 is not a size jobs may have: width must be an integer from 64 to"),
+    ],
+)
+def test_compile_sizes_are_sizes_a_job_may_have(sizes, message):
+    with pytest.raises(ValidationError, match=message):
+        WorkerSettings(compile_sizes=sizes)
+    assert WorkerSettings(compile_sizes="680x384, 384X680").compile_sizes == [(680, 384), (384, 680)]
 
 
 def alone_pngs(model_cache, lora_dir, options: dict) -> list[bytes]:

@@ -339,7 +339,8 @@ def read_adapter(files: AdapterFiles, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
 
 def _lora_matrices(pipe, internal_name: str) -> dict[str, torch.nn.Parameter]:
     """One adapter's LoRA matrices in the pipeline, by the keys a diffusers-layout file gives them
-    (`unet.<module>.lora_A.weight`): two per adapted module."""
+    (`unet.<module>.lora_A.weight`): two per adapted module, and a DoRA adapter's magnitude vector
+    (`unet.<module>.lora_magnitude_vector`; `….weight` in the text encoder, see `_magnitudes_for_transformers`)."""
     matrices = {}
     for prefix, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
         for module_name, module in model.named_modules():
@@ -347,7 +348,20 @@ def _lora_matrices(pipe, internal_name: str) -> dict[str, torch.nn.Parameter]:
             if lora_a is not None and internal_name in lora_a:
                 matrices[f"{prefix}.{module_name}.lora_A.weight"] = lora_a[internal_name].weight
                 matrices[f"{prefix}.{module_name}.lora_B.weight"] = lora_b[internal_name].weight
+                magnitudes = getattr(module, DORA_MAGNITUDE, {})
+                if internal_name in magnitudes:
+                    suffix = ".weight" if prefix == "text_encoder" else ""
+                    matrices[f"{prefix}.{module_name}.{DORA_MAGNITUDE}{suffix}"] = magnitudes[internal_name].weight
     return matrices
+
+
+def _adapted_modules(matrices: dict[str, torch.nn.Parameter]) -> int:
+    return sum(key.endswith(".lora_A.weight") for key in matrices)
+
+
+def _modules_of(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """The modules a diffusers-keyed state dict adapts (`unet.<module>.lora_A.weight` → `unet.<module>`)."""
+    return {key.rsplit(".lora_", 1)[0] for key in state_dict}
 
 
 def _alpha_folded(weights: AdapterWeights) -> bool:
@@ -448,16 +462,32 @@ class AdapterRegistry:
             key: tensor.detach().clone() for key, tensor in _lora_matrices(self.pipe, current.internal_name).items()
         }
         try:
+            # diffusers' hotswap deletes the old version when it fails (see below): what it cannot swap is
+            # not given to it. It maps LoRA matrices only, not DoRA magnitudes, and refuses modules the old
+            # version did not adapt (in a kohya file, named otherwise, found only by trying).
+            if any(DORA_MAGNITUDE in key or "dora_scale" in key for key in weights.state_dict):
+                raise ValueError("diffusers' hotswap does not swap DoRA magnitudes")
+            if _alpha_folded(weights) and not _modules_of(weights.state_dict) <= _modules_of(kept):
+                raise ValueError("it adapts modules the old version does not")
             self.pipe.load_lora_weights(weights.state_dict, adapter_name=current.internal_name, hotswap=True)
         except Exception as error:  # another rank or other modules: loaded beside it instead
+            detail = " ".join(str(error).split())[:200] or type(error).__name__
             logger.info(
-                "adapter %s: not swapped in place (%s); loading it beside the old version", current.name, error
+                "adapter %s: not swapped in place (%s); loading it beside the old version", current.name, detail
             )
+            self._active = None
+            if current.internal_name not in getattr(self.pipe.unet, "peft_config", {}):
+                # A hotswap that fails inside diffusers drops the adapter it was swapping into (its config, and
+                # its layers where it was active): the old version is gone, and what is left of it goes too. The
+                # new one loads beside, or the name serves nothing (`load` then says so).
+                logger.warning("adapter %s: its previous version was lost with the failed swap", current.name)
+                self._loaded.pop(current.name, None)
+                self._discard(current.internal_name)
+                return False
             tensors = _lora_matrices(self.pipe, current.internal_name)
             for key, tensor in kept.items():
-                if tensors[key].shape == tensor.shape:
+                if key in tensors and tensors[key].shape == tensor.shape:
                     tensors[key].data.copy_(tensor)
-            self._active = None
             return False
         # peft's hotswap sets each layer's scaling to the new file's alpha / rank, but leaves its `lora_alpha`,
         # from which every later `set_scale` (ours and peft's) computes the scaling: make it the new one's.
@@ -500,7 +530,7 @@ class AdapterRegistry:
                 "it was probably trained for another base model" + self._still_serving(name)
             ) from error
         matrices = _lora_matrices(self.pipe, internal_name)
-        adapted = len(matrices) // 2
+        adapted = _adapted_modules(matrices)
         if _alpha_folded(weights):
             self._matrices[internal_name] = matrices
         if adapted != weights.modules:
@@ -521,6 +551,10 @@ class AdapterRegistry:
         if internal_name in present:
             self.unfuse()
             self.pipe.delete_adapters(internal_name)
+        else:  # what a failed diffusers hotswap leaves: the adapter's config gone, its tensors in the layers
+            for layer in self.layers():
+                if internal_name in getattr(layer, "lora_A", {}):
+                    layer.delete_adapter(internal_name)
         self._matrices.pop(internal_name, None)
         self._layers = self._active = None
 

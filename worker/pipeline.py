@@ -253,3 +253,12 @@ def compile_pipeline(pipe, backend: str, mode: str | None) -> None:
     pipe.unet.compile(**options)
     pipe.vae.decoder.compile(**options)
     logger.info("compiled the UNet and the VAE decoder (%s)", ", ".join(f"{k}={v}" for k, v in options.items()))
+
+
+def serve_compiled_shapes_only() -> None:
+    """After the warm-up: a job whose shapes no compiled graph covers runs the model uncompiled instead of
+    compiling under the user's job (torch.compiler's `eager_on_recompile` stance). Dynamo guards on shapes:
+    a new size, image count or prompt length would otherwise compile again, for up to a minute on a GPU,
+    and its automatic dynamic shapes generalise to some neighbours, not to every one (seen on the tiny
+    model: a batch of 3 after batches of 1 and 8 compiled again, and so did an odd latent side)."""
+    torch.compiler.set_stance("eager_on_recompile")

@@ -17,6 +17,9 @@ class PromptEncoder:
         from compel import Compel
 
         self.tokenizer = pipe.tokenizer
+        # compel tokenizes a long prompt whole, on purpose, and encodes it in chunks: the tokenizer's warning
+        # (once per process) that such a sequence "will result in indexing errors" would mislead the log's reader.
+        self.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         self.compel = Compel(
             tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=False, device=pipe.device
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 
-from imagine.contract import parse_job_options
+from imagine.contract import JobOptions, parse_job_options
 from imagine.logs import job_context
 from imagine.queue import RefusedMessage
 from imagine.store import JobStore
@@ -26,7 +26,7 @@ from worker.attempt import AttemptsInHand
 from worker.jobs import JobRunner
 from worker.liveness import Janitor, StatusBoard, wait_until_name_is_free
 from worker.metrics import WorkerMetrics
-from worker.pipeline import choose_placement, compile_pipeline, load_pipeline
+from worker.pipeline import choose_placement, compile_pipeline, load_pipeline, serve_compiled_shapes_only
 from worker.reloads import AdapterReloads
 from worker.renderer import Renderer
 from worker.settings import WorkerSettings
@@ -79,48 +79,29 @@ class WorkerService:
             compile_pipeline(pipe, settings.compile_backend, settings.compile_mode)
         if settings.warmup_steps:
             service.warm_up()
+            if settings.compile:
+                serve_compiled_shapes_only()
+        elif settings.compile:
+            logger.warning("COMPILE without a warm-up (WARMUP_STEPS=0): the first job of each shape compiles")
         # A job still marked running under this worker's name died with its previous process.
         service.janitor.requeue_dead_jobs(dead_worker=worker_name)
         return service
 
     def warm_up(self) -> None:
         """Renders a few throwaway steps before the first job, so that no user pays for what the first render
-        sets up: with the default adapter, as most jobs use it. A compiled pipeline is warmed up on every path
-        a job may take (the base model, the default adapter fused, another adapter's LoRA layers) at one
-        image and at a full batch, so that none compiles under a user's job."""
+        sets up (see `warm_up_batches`)."""
         started = time.perf_counter()
         renderer = self.jobs.renderer
-        loaded = renderer.adapters.loaded
-        adapters = [self.settings.default_adapter if self.settings.default_adapter in loaded else "none"]
-        batches = [1]
-        if self.settings.compile:
-            others = [name for name in loaded if name != self.settings.default_adapter]
-            adapters = list(dict.fromkeys([*adapters, "none", *others[:1]]))
-            batches = sorted({1, self.settings.batch_max_images})
-        for adapter in adapters:
-            for images in batches:
-                jobs = []
-                per_job = self.settings.limits.max_images
-                for seed in range(0, images, per_job):
-                    count = min(per_job, images - seed)
-                    options = parse_job_options(
-                        {
-                            "prompt": "warm-up",
-                            "num_inference_steps": self.settings.warmup_steps,
-                            "num_images_per_prompt": count,
-                            "adapter": adapter,
-                            "seed": seed,
-                        },
-                        self.settings.limits,
-                    )
-                    jobs.append((options, renderer.plan(options)))
-                renderer.finish_images(renderer.render_batch(renderer.entries(jobs)))
-        logger.info(
-            "warmed up in %.2f s (adapters %s, batches of %s images)",
-            time.perf_counter() - started,
-            ", ".join(adapters),
-            ", ".join(map(str, batches)),
-        )
+        batches = warm_up_batches(self.settings, list(renderer.adapters.loaded))
+        for jobs in batches:
+            renderer.finish_images(
+                renderer.render_batch(renderer.entries([(job, renderer.plan(job)) for job in jobs]))
+            )
+        shapes = []
+        for jobs in batches:
+            images = sum(job.num_images_per_prompt for job in jobs)
+            shapes.append(f"{jobs[0].adapter or 'none'} {jobs[0].width}x{jobs[0].height} ×{images}")
+        logger.info("warmed up in %.2f s: %s", time.perf_counter() - started, "; ".join(shapes))
 
     def run_job(self, job_id: str, options: dict[str, Any], attempt: int) -> dict[str, Any]:
         """Apply the reloads requested meanwhile, then run the job: it never renders with stale adapters."""
@@ -145,3 +126,40 @@ class WorkerService:
         self.jobs.finisher.stop()
         self.janitor.stop()
         self.janitor.board.withdraw()
+
+
+def warm_up_batches(settings: WorkerSettings, loaded: list[str]) -> list[list[JobOptions]]:
+    """The throwaway batches of the warm-up: with the default adapter, as most jobs use it. A compiled
+    pipeline is warmed up on every path a job may take (the base model, the default adapter fused, another
+    adapter's LoRA layers), at one image and at a full batch, at the default size and at COMPILE_SIZES;
+    jobs of other shapes then run uncompiled (`serve_compiled_shapes_only`), never compiling under a user."""
+    default = settings.default_adapter if settings.default_adapter in loaded else "none"
+    adapters, counts, sizes = [default], [1], [None]
+    if settings.compile:
+        others = [name for name in loaded if name != settings.default_adapter]
+        adapters = list(dict.fromkeys([default, "none", *others[:1]]))
+        counts = sorted({1, settings.batch_max_images})
+        sizes = [None, *settings.compile_sizes]
+    per_job = settings.limits.max_images
+    batches = []
+    for adapter in adapters:
+        for size in sizes:
+            for images in counts:
+                shape = {"width": size[0], "height": size[1]} if size else {}
+                batches.append(
+                    [
+                        parse_job_options(
+                            {
+                                "prompt": "warm-up",
+                                "num_inference_steps": settings.warmup_steps,
+                                "num_images_per_prompt": min(per_job, images - seed),
+                                "adapter": adapter,
+                                "seed": seed,
+                                **shape,
+                            },
+                            settings.limits,
+                        )
+                        for seed in range(0, images, per_job)
+                    ]
+                )
+    return batches

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
+from imagine.contract import JobRejected, parse_job_options
 from imagine.settings import ServiceSettings
 
 DEFAULT_MAX_ADAPTER_BYTES = 512 * 2**20
@@ -62,8 +65,35 @@ class WorkerSettings(ServiceSettings):
     lora_max_rank: int = Field(
         64, ge=1, description="With COMPILE: the largest LoRA rank a reload swaps in without recompiling."
     )
+    compile_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(
+        default_factory=list,
+        description="With COMPILE: sizes the warm-up compiles besides the default one (comma-separated WxH, "
+        "e.g. 680x384,384x680); jobs of other sizes run uncompiled.",
+    )
     lost_message_after_s: float = Field(
         30.0,
         gt=0,
         description="A job queued this long whose message is on no queue (its sender died, a purge) is sent again.",
     )
+
+    @field_validator("compile_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value):
+        if not isinstance(value, str):
+            return value
+        sizes = []
+        for part in filter(None, value.replace(" ", "").lower().split(",")):
+            width, x, height = part.partition("x")
+            if not (x and width.isdigit() and height.isdigit()):
+                raise ValueError(f"{part!r} is not a size: write WIDTHxHEIGHT, e.g. 680x384")
+            sizes.append((int(width), int(height)))
+        return sizes
+
+    @model_validator(mode="after")
+    def _sizes_a_job_may_have(self):
+        for width, height in self.compile_sizes:
+            try:
+                parse_job_options({"prompt": "warm-up", "width": width, "height": height}, self.limits)
+            except JobRejected as refusal:
+                raise ValueError(f"COMPILE_SIZES: {width}x{height} is not a size jobs may have: {refusal}") from None
+        return self
