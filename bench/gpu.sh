@@ -4,7 +4,7 @@
 # few minutes, with Python and torch but no internet and none of our other dependencies: those travel
 # beside it as wheels in .whl/ (bench/wheels.sh downloads them here). From the repository root:
 #
-#   bench/wheels.sh && bench/gpu.sh [OUT_DIR]    # wheels here; on the GPU: its limits sum to 8.5 min
+#   bench/wheels.sh && bench/gpu.sh [OUT_DIR]    # wheels here; on the GPU: its limits sum to 7.2 min
 #   PROFILE=cpu PY_VERSION=3.11 ...              # the same run at CPU sizes, to prove the script here
 #
 # Each benchmark has its own time limit, so one that hangs or fails costs only its own figures: the JSON
@@ -31,7 +31,7 @@ case $PROFILE in
     render=(--base-model $model --size 512 --steps 30 --stream-steps 20 --jobs 32 --batch 8)
     reload=(--base-model $model --loads 1 --reloads 10)
     trainer=(--base-model $model --resolution 512 --steps 30 --warmup 5 --batch-size 16 --variants recipe,warm)
-    limits=(100 200 60 150)
+    limits=(90 170 50 120)
     ;;
   cpu)
     model=tiny
