@@ -454,27 +454,25 @@ class AdapterRegistry:
         return loaded
 
     def _swapped_in(self, current: AdapterInfo, weights: AdapterWeights) -> bool:
-        """Copy a new version into the place of the old one; False (and the old one intact) where it does not fit."""
+        """Copy a new version into the place of the old one; False where it does not fit (the old one then
+        intact, or forgotten where diffusers' failed hotswap dropped it)."""
         self.unfuse()  # the merged weights are the old version's, and peft refuses to swap a merged adapter
         if self._copied(current, weights):
             return True
         kept = {
             key: tensor.detach().clone() for key, tensor in _lora_matrices(self.pipe, current.internal_name).items()
         }
+        # diffusers' hotswap drops the old version when it fails (below): what it cannot swap is not given to it.
+        # It maps LoRA matrices only, not DoRA magnitudes, and refuses modules the old version did not adapt (in
+        # a kohya file, named otherwise, found only by trying).
+        if any(DORA_MAGNITUDE in key or "dora_scale" in key for key in weights.state_dict):
+            return self._not_swapped(current, "diffusers' hotswap does not swap DoRA magnitudes")
+        if _alpha_folded(weights) and not _modules_of(weights.state_dict) <= _modules_of(kept):
+            return self._not_swapped(current, "it adapts modules the old version does not")
         try:
-            # diffusers' hotswap deletes the old version when it fails (see below): what it cannot swap is
-            # not given to it. It maps LoRA matrices only, not DoRA magnitudes, and refuses modules the old
-            # version did not adapt (in a kohya file, named otherwise, found only by trying).
-            if any(DORA_MAGNITUDE in key or "dora_scale" in key for key in weights.state_dict):
-                raise ValueError("diffusers' hotswap does not swap DoRA magnitudes")
-            if _alpha_folded(weights) and not _modules_of(weights.state_dict) <= _modules_of(kept):
-                raise ValueError("it adapts modules the old version does not")
             self.pipe.load_lora_weights(weights.state_dict, adapter_name=current.internal_name, hotswap=True)
         except Exception as error:  # another rank or other modules: loaded beside it instead
-            detail = " ".join(str(error).split())[:200] or type(error).__name__
-            logger.info(
-                "adapter %s: not swapped in place (%s); loading it beside the old version", current.name, detail
-            )
+            self._not_swapped(current, " ".join(str(error).split())[:200] or type(error).__name__)
             self._active = None
             if current.internal_name not in getattr(self.pipe.unet, "peft_config", {}):
                 # A hotswap that fails inside diffusers drops the adapter it was swapping into (its config, and
@@ -498,6 +496,11 @@ class AdapterRegistry:
                 layer.lora_alpha[current.internal_name] = float(layer.scaling[current.internal_name]) * root
         self._active = None  # the swap set the layers' scales back to the file's
         return True
+
+    @staticmethod
+    def _not_swapped(current: AdapterInfo, reason: str) -> bool:
+        logger.info("adapter %s: not swapped in place (%s); loading it beside the old version", current.name, reason)
+        return False
 
     def _copied(self, current: AdapterInfo, weights: AdapterWeights) -> bool:
         """The common reload, done directly: a file that names exactly the old version's LoRA matrices, with
