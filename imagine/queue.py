@@ -68,11 +68,11 @@ def task_id(job_id: str, attempt: int) -> str:
 def message_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options as a job's message carries them: an init image by its digest. The worker renders from
     the stored job, and only checks the message against it, so the image (up to MAX_IMAGE_BYTES, a third
-    more as base64, and a third more again in kombu's envelope) is kept in Redis once, not three times,
+    more as base64, and a third more again in kombu's envelope) is kept in Redis once, not twice,
     and Flower shows a line where it would show megabytes."""
     image = options.get("image")
-    if not isinstance(image, str) or image.startswith(IMAGE_REFERENCE):
-        return options
+    if not isinstance(image, str) or not image.isascii() or image.startswith(IMAGE_REFERENCE):
+        return options  # a reference already, or not base64 at all (a hostile message): compared as it is
     return {**options, "image": IMAGE_REFERENCE + image_digest(image)}
 
 

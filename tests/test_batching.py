@@ -160,7 +160,7 @@ def test_versions_in_every_layout_swapped_in_turn_render_like_fresh_loads(
                 path,
             )
         loaded = registry.load("swapped")
-        assert loaded.internal_name == "adapter1" and loaded.layout == layout  # swapped in place every time
+        assert loaded.internal_name == "adapter00000001" and loaded.layout == layout  # swapped in place every time
         fresh_registry = AdapterRegistry(fresh_pipe, lora_dir)
         fresh_registry.load("swapped")
         fresh = Renderer(fresh_pipe, fresh_registry, "", allow_safety_checker_off=False)
@@ -171,7 +171,7 @@ def test_versions_in_every_layout_swapped_in_turn_render_like_fresh_loads(
 
 
 def test_a_dora_version_is_copied_into_place_and_a_swap_diffusers_fails_never_loses_the_adapter(
-    tiny_pipe, lora_dir, model_cache
+    tiny_pipe, lora_dir, model_cache, caplog
 ):
     def unet():
         return load_pipeline("tiny", choose_placement("cpu", "float32"), model_cache, safety_checker=False).unet
@@ -198,9 +198,10 @@ def test_a_dora_version_is_copied_into_place_and_a_swap_diffusers_fails_never_lo
     # the active one); in a diffusers file it shows before. Either way the new version loads beside and serves,
     # and nothing is left of the old one, active or not.
     for layout, active, targets in (
-        ("kohya", "other", ["to_k", "to_v", "to_out.0", "conv1"]),
-        ("diffusers", "flickr30k", TARGET_MODULES),
+        ("kohya", "flickr30k", ["to_k", "to_v", "to_out.0", "conv1"]),
+        ("diffusers", "other", TARGET_MODULES),
     ):
+        caplog.clear()
         renderer.render(job(adapter=active))
         before = registry.loaded["other"]
         state = make_lora_state(unet(), seed=len(targets), alpha=8.0, targets=targets)
@@ -210,7 +211,23 @@ def test_a_dora_version_is_copied_into_place_and_a_swap_diffusers_fails_never_lo
         after = registry.load("other")
         assert after.internal_name != before.internal_name and after.version != before.version
         assert not [layer for layer in registry.layers() if before.internal_name in layer.lora_A]
+        assert ("diffusers dropped its previous version" in caplog.text) == (layout == "kohya")
         assert like_a_fresh_load("other")
+
+
+def test_a_swap_into_one_adapter_leaves_the_others_as_they_were(tiny_pipe, lora_dir, adapter_weights):
+    """peft's hotswap finds the tensors of the adapter it swaps into by its name as a substring: the eleventh
+    adapter loaded must not be taken for the first's."""
+    registry = AdapterRegistry(tiny_pipe, lora_dir)
+    renderer = Renderer(tiny_pipe, registry, "", allow_safety_checker_off=False)
+    for number in range(11):
+        write_adapter(lora_dir / f"n{number}", "diffusers", adapter_weights["v1" if number % 2 else "v2"])
+        registry.load(f"n{number}")
+    before = [pixels(renderer.render(job(adapter=f"n{number}")).images[0]) for number in (9, 10)]
+    shutil.rmtree(lora_dir / "n0")
+    write_adapter(lora_dir / "n0", "kohya", adapter_weights["v1"])  # alphas apart: diffusers' hotswap swaps it
+    assert registry.load("n0").internal_name == "adapter00000001"
+    assert [pixels(renderer.render(job(adapter=f"n{number}")).images[0]) for number in (9, 10)] == before
 
 
 def test_after_the_warm_up_no_job_compiles_and_reloads_and_switches_never_recompile(
@@ -222,19 +239,21 @@ def test_after_the_warm_up_no_job_compiles_and_reloads_and_switches_never_recomp
     for name in ("flickr30k", "other"):
         registry.load(name)
     paths = [job(), job(adapter="other"), job(adapter="none")]  # fused, LoRA layers, the base model
-    unwarmed = [job(num_images_per_prompt=2), job(width=72), job(prompt="a dog, " + "on a beach, " * 30)]
+    unwarmed = [job(width=96), job(width=72), job(prompt="a dog, " + "on a beach, " * 30)]
     eager = [renderer.render(options).images[0] for options in paths]
     eager_unwarmed = [renderer.render(options).images for options in unwarmed]
 
     # A backend that runs the graphs dynamo captures as they are: what is checked is the capture and its guards.
     compile_pipeline(tiny_pipe, "eager", None)
-    settings = WorkerSettings(compile=True, default_adapter="flickr30k", batch_max_images=1, warmup_steps=1,
+    settings = WorkerSettings(compile=True, default_adapter="flickr30k", batch_max_images=4, warmup_steps=1,
                               compile_sizes="64x64")  # fmt: skip
     for jobs in warm_up_batches(settings, list(registry.loaded)):
         rendered(renderer, jobs)
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
             warm = [renderer.render(options).images[0] for options in paths]  # each covered by the warm-up
+            for adapter in ("flickr30k", "other", "none"):  # 1, 2 and 4 images warmed up: 3 takes 2's graph
+                renderer.render(job(adapter=adapter, num_images_per_prompt=3))
             with pytest.raises(RuntimeError, match="Detected recompile"):
                 renderer.render(unwarmed[1])
         assert all(nearly_the_same(a, b) for a, b in zip(warm, eager, strict=True))
@@ -246,7 +265,7 @@ def test_after_the_warm_up_no_job_compiles_and_reloads_and_switches_never_recomp
         assert counters["stats"]["unique_graphs"] == graphs
 
         write_adapter(lora_dir / "other", "diffusers", adapter_weights["v1"])  # a new version of the same shapes
-        with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch.compiler.set_stance("fail_on_recompile"):
             registry.load("other")
             for options in [*paths, job(adapter="other", adapter_scale=0.5), job(adapter_scale=0.7), *paths]:
                 renderer.render(options)
@@ -260,6 +279,7 @@ def test_after_the_warm_up_no_job_compiles_and_reloads_and_switches_never_recomp
     ("sizes", "message"),
     [
         ("680by384", "'680by384' is not a size: write WIDTHxHEIGHT, e.g. 680x384"),
+        ("5²x64", "'5²x64' is not a size"),
         ("680x384,681x384", "COMPILE_SIZES: 681x384 is not a size jobs may have: width must be a multiple of 8"),
         ("2048x512", "COMPILE_SIZES: 2048x512 is not a size jobs may have: width must be an integer from 64 to"),
     ],

@@ -15,7 +15,7 @@ from kombu.transport.redis import Channel as RedisChannel
 from imagine.client import ImagineClient
 from imagine.contract import parse_job_options
 from imagine.images import encode_image, image_digest
-from imagine.queue import make_celery, send_job, task_id
+from imagine.queue import GENERATE_TASK, make_celery, send_job, task_id
 from tests.helpers import photo, run_cli, service_settings, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -110,14 +110,15 @@ def test_messages_that_are_not_jobs_are_refused_and_kept_and_the_worker_serves_o
 
 def test_a_message_that_disagrees_with_its_stored_job_renders_nothing(start_worker):
     worker = start_worker(name="truth")
-    client = ImagineClient(worker.settings)
+    settings = worker.settings
+    client = ImagineClient(settings)
     busy = client.submit(BUSY)
     wait_for(lambda: client.job(busy.job_id).state == "running", 30, "the worker to be busy")
     job = client.submit({**SMALL, "prompt": "the prompt the user typed", "seed": 3})
     start = encode_image(photo(64, 64))
     from_image = client.submit({**SMALL, "image": start, "strength": 0.5})
     # The image is kept once, in the job's record: its message names it by its digest.
-    waiting = [json.loads(raw) for raw in client.store.redis.lrange(worker.settings.queue_name, 0, -1)]
+    waiting = [json.loads(raw) for raw in client.store.redis.lrange(settings.queue_name, 0, -1)]
     (message,) = [envelope for envelope in waiting if envelope["headers"]["id"] == task_id(from_image.job_id, 1)]
     sent = json.loads(base64.b64decode(message["body"]))[1]["options"]
     assert sent["image"] == f"sha256:{image_digest(start)}" and len(json.dumps(message)) < 4096
@@ -125,6 +126,13 @@ def test_a_message_that_disagrees_with_its_stored_job_renders_nothing(start_work
     forged = {**client.job(job.job_id).options, "prompt": "a forged prompt"}
     send_job(client.app, job.job_id, forged, attempt=1)
     send_job(client.app, from_image.job_id, {**sent, "image": encode_image(photo(64, 48))}, attempt=1)
+    send_job(client.app, from_image.job_id, {**sent, "image": "é"}, attempt=1)  # not even base64
+    # A message as front ends sent them before images went by digest (queued before an upgrade) still runs.
+    old_style = client.new_job_id()
+    stored = parse_job_options({**SMALL, "image": start, "strength": 0.5, "seed": 5}, settings.limits).model_dump()
+    assert client.store.create(old_style, stored, "cli", "", settings.max_queue_length)[0] == "ok"
+    client.app.send_task(GENERATE_TASK, kwargs={"job_id": old_style, "options": stored, "attempt": 1},
+                         task_id=task_id(old_style, 1))  # fmt: skip
     client.cancel(busy.job_id)
 
     events = list(client.events(job.job_id))
@@ -132,10 +140,11 @@ def test_a_message_that_disagrees_with_its_stored_job_renders_nothing(start_work
     assert client.result(job.job_id).meta.prompt == "the prompt the user typed"
     assert kinds(client.events(from_image.job_id))[-1] == "done"
     assert client.result(from_image.job_id).meta.init_image == image_digest(start)
-    letters = wait_for(lambda: len(client.store.dead_letters()) == 2 and client.store.dead_letters(), 30, "refusals")
+    assert kinds(client.events(old_style))[-1] == "done"
+    letters = wait_for(lambda: len(client.store.dead_letters()) == 3 and client.store.dead_letters(), 30, "refusals")
     reasons = sorted(letter.reason for letter in letters)
     assert {letter.kind for letter in letters} == {"disagrees"} and all("differ from job" in r for r in reasons)
-    assert sorted(reason.rsplit(" in ", 1)[1] for reason in reasons) == ["image", "prompt"], reasons
+    assert sorted(reason.rsplit(" in ", 1)[1] for reason in reasons) == ["image", "image", "prompt"], reasons
     assert "a forged prompt" not in worker.log_path.read_text()
 
 

@@ -360,8 +360,19 @@ def _adapted_modules(matrices: dict[str, torch.nn.Parameter]) -> int:
 
 
 def _modules_of(state_dict: dict[str, torch.Tensor]) -> set[str]:
-    """The modules a diffusers-keyed state dict adapts (`unet.<module>.lora_A.weight` → `unet.<module>`)."""
-    return {key.rsplit(".lora_", 1)[0] for key in state_dict}
+    """The modules a diffusers-keyed state dict adapts (`unet.<module>.lora_A.weight` or `….lora.down.weight`
+    → `unet.<module>`), by their matrices."""
+    return {match["module"] for match in map(_MATRIX_KEY.match, state_dict) if match}
+
+
+def _rank_of(state_dict: dict[str, torch.Tensor]) -> int:
+    """The largest rank of a state dict's down matrices (their first dimension)."""
+    ranks = [
+        tensor.shape[0]
+        for key, tensor in state_dict.items()
+        if (m := _MATRIX_KEY.match(key)) and m["part"] in _DOWN_PARTS
+    ]
+    return max(ranks, default=0)
 
 
 def _alpha_folded(weights: AdapterWeights) -> bool:
@@ -459,29 +470,39 @@ class AdapterRegistry:
         self.unfuse()  # the merged weights are the old version's, and peft refuses to swap a merged adapter
         if self._copied(current, weights):
             return True
-        kept = {
-            key: tensor.detach().clone() for key, tensor in _lora_matrices(self.pipe, current.internal_name).items()
-        }
         # diffusers' hotswap drops the old version when it fails (below): what it cannot swap is not given to it.
-        # It maps LoRA matrices only, not DoRA magnitudes, and refuses modules the old version did not adapt (in
-        # a kohya file, named otherwise, found only by trying).
-        if any(DORA_MAGNITUDE in key or "dora_scale" in key for key in weights.state_dict):
+        # It maps LoRA matrices only, not DoRA magnitudes, nor a text encoder's; it refuses modules the old
+        # version did not adapt (in a kohya file, named otherwise, found only by trying); a rank above the
+        # layers' (LORA_MAX_RANK with COMPILE) it swaps by replacing the tensors a compiled graph holds.
+        matrices = _lora_matrices(self.pipe, current.internal_name)
+        if any(DORA_MAGNITUDE in key or "dora_scale" in key for key in [*weights.state_dict, *matrices]):
             return self._not_swapped(current, "diffusers' hotswap does not swap DoRA magnitudes")
-        if _alpha_folded(weights) and not _modules_of(weights.state_dict) <= _modules_of(kept):
+        if any(key.startswith(("text_encoder.", "lora_te")) for key in weights.state_dict):
+            return self._not_swapped(current, "diffusers' hotswap does not swap a text encoder's LoRA")
+        if _alpha_folded(weights) and not _modules_of(weights.state_dict) <= _modules_of(matrices):
             return self._not_swapped(current, "it adapts modules the old version does not")
+        if _rank_of(weights.state_dict) > _rank_of(matrices):
+            return self._not_swapped(current, "its rank is above the loaded layers'")
+        kept = {key: tensor.detach().clone() for key, tensor in matrices.items()}
         try:
             self.pipe.load_lora_weights(weights.state_dict, adapter_name=current.internal_name, hotswap=True)
         except Exception as error:  # another rank or other modules: loaded beside it instead
-            self._not_swapped(current, " ".join(str(error).split())[:200] or type(error).__name__)
+            detail = " ".join(str(error).split())[:200] or type(error).__name__
             self._active = None
             if current.internal_name not in getattr(self.pipe.unet, "peft_config", {}):
                 # A hotswap that fails inside diffusers drops the adapter it was swapping into (its config, and
                 # its layers where it was active): the old version is gone, and what is left of it goes too. The
                 # new one loads beside, or the name serves nothing (`load` then says so).
-                logger.warning("adapter %s: its previous version was lost with the failed swap", current.name)
+                logger.warning(
+                    "adapter %s: not swapped in place (%s), and diffusers dropped its previous version; loading "
+                    "the new one",
+                    current.name,
+                    detail,
+                )
                 self._loaded.pop(current.name, None)
                 self._discard(current.internal_name)
                 return False
+            self._not_swapped(current, detail)
             tensors = _lora_matrices(self.pipe, current.internal_name)
             for key, tensor in kept.items():
                 if key in tensors and tensors[key].shape == tensor.shape:
@@ -520,7 +541,9 @@ class AdapterRegistry:
 
     def _load_beside(self, name: str, weights: AdapterWeights) -> tuple[str, int]:
         self._serial += 1
-        internal_name = f"adapter{self._serial}"
+        # Of one length, so that no name holds another: peft's hotswap finds an adapter's tensors by substring,
+        # and swapping `adapter1` zeroed `adapter10`'s.
+        internal_name = f"adapter{self._serial:08d}"
         self.unfuse()
         self._layers = self._active = None
         try:

@@ -245,10 +245,13 @@ def load_pipeline(base_model: str, placement: Placement, cache_dir: Path, safety
     return pipe
 
 
-def compile_pipeline(pipe, backend: str, mode: str | None) -> None:
+def compile_pipeline(pipe, backend: str, mode: str | None, graphs: int = 0) -> None:
     """torch.compile the UNet and the VAE's decoder in place (the module objects stay: adapters, fusing and
     hot-swapping reach the same layers). Call it after `pipe.enable_lora_hotswap` and the first adapter's
-    load, so that later reloads and switches swap tensors in place without recompiling."""
+    load, so that later reloads and switches swap tensors in place without recompiling. `graphs`: how many
+    the warm-up may compile of each (one per adapter path, image count and size): past dynamo's limit (8)
+    it would stop compiling and render the rest eagerly."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     options = {"backend": backend, **({"mode": mode} if mode else {})}
     pipe.unet.compile(**options)
     pipe.vae.decoder.compile(**options)

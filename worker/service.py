@@ -76,7 +76,8 @@ class WorkerService:
             pipe.enable_lora_hotswap(target_rank=settings.lora_max_rank)
         reloads.reload(list_adapters(settings.lora_dir))
         if settings.compile:
-            compile_pipeline(pipe, settings.compile_backend, settings.compile_mode)
+            graphs = len(warm_up_batches(settings, list(registry.loaded)))
+            compile_pipeline(pipe, settings.compile_backend, settings.compile_mode, graphs)
         if settings.warmup_steps:
             service.warm_up()
             if settings.compile:
@@ -130,16 +131,16 @@ class WorkerService:
 
 def warm_up_batches(settings: WorkerSettings, loaded: list[str]) -> list[list[JobOptions]]:
     """The throwaway batches of the warm-up: with the default adapter, as most jobs use it. A compiled
-    pipeline is warmed up on every path a job may take (the base model, the default adapter fused, another
-    adapter's LoRA layers), at one image and at a full batch, at the default size and at COMPILE_SIZES;
-    jobs of other shapes then run uncompiled (`serve_compiled_shapes_only`), never compiling under a user."""
+    pipeline is warmed up on every path a job may take (the base model, the default adapter fused, each
+    other adapter's LoRA layers), at one image, two and a full batch (the batches between take the graph
+    compiled for two: its shapes are dynamic), at each of COMPILE_SIZES; jobs of other shapes then render
+    uncompiled (`serve_compiled_shapes_only`), never compiling under a user."""
     default = settings.default_adapter if settings.default_adapter in loaded else "none"
     adapters, counts, sizes = [default], [1], [None]
     if settings.compile:
-        others = [name for name in loaded if name != settings.default_adapter]
-        adapters = list(dict.fromkeys([default, "none", *others[:1]]))
-        counts = sorted({1, settings.batch_max_images})
-        sizes = [None, *settings.compile_sizes]
+        adapters = list(dict.fromkeys([default, "none", *loaded]))
+        counts = sorted({1, min(2, settings.batch_max_images), settings.batch_max_images})
+        sizes = list(dict.fromkeys(settings.compile_sizes))
     per_job = settings.limits.max_images
     batches = []
     for adapter in adapters:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from imagine.contract import JobRejected, parse_job_options
+from imagine.contract import JobRejected, default, parse_job_options
 from imagine.settings import ServiceSettings
 
 DEFAULT_MAX_ADAPTER_BYTES = 512 * 2**20
@@ -66,9 +67,9 @@ class WorkerSettings(ServiceSettings):
         64, ge=1, description="With COMPILE: the largest LoRA rank a reload swaps in without recompiling."
     )
     compile_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(
-        default_factory=list,
-        description="With COMPILE: sizes the warm-up compiles besides the default one (comma-separated WxH, "
-        "e.g. 680x384,384x680); jobs of other sizes run uncompiled.",
+        default_factory=lambda: [(default("width"), default("height"))],
+        description="With COMPILE: the sizes the warm-up compiles (comma-separated WxH, e.g. "
+        "512x512,680x384,384x680); jobs of other sizes run uncompiled.",
     )
     lost_message_after_s: float = Field(
         30.0,
@@ -83,10 +84,10 @@ class WorkerSettings(ServiceSettings):
             return value
         sizes = []
         for part in filter(None, value.replace(" ", "").lower().split(",")):
-            width, x, height = part.partition("x")
-            if not (x and width.isdigit() and height.isdigit()):
+            size = re.fullmatch(r"(\d+)x(\d+)", part, re.ASCII)
+            if size is None:
                 raise ValueError(f"{part!r} is not a size: write WIDTHxHEIGHT, e.g. 680x384")
-            sizes.append((int(width), int(height)))
+            sizes.append((int(size[1]), int(size[2])))
         return sizes
 
     @model_validator(mode="after")
