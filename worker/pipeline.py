@@ -263,5 +263,5 @@ def serve_compiled_shapes_only() -> None:
     compiling under the user's job (torch.compiler's `eager_on_recompile` stance). Dynamo guards on shapes:
     a new size, image count or prompt length would otherwise compile again, for up to a minute on a GPU,
     and its automatic dynamic shapes generalise to some neighbours, not to every one (seen on the tiny
-    model: a batch of 3 after batches of 1 and 8 compiled again, and so did an odd latent side)."""
+    model: a job of 4 images after batches of 1 and 8 compiled again, and so did an odd latent side)."""
     torch.compiler.set_stance("eager_on_recompile")

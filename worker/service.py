@@ -135,10 +135,10 @@ def warm_up_batches(settings: WorkerSettings, loaded: list[str]) -> list[list[Jo
     other adapter's LoRA layers), at one image, two and a full batch (the batches between take the graph
     compiled for two: its shapes are dynamic), at each of COMPILE_SIZES; jobs of other shapes then render
     uncompiled (`serve_compiled_shapes_only`), never compiling under a user."""
-    default = settings.default_adapter if settings.default_adapter in loaded else "none"
-    adapters, counts, sizes = [default], [1], [None]
+    usual = settings.default_adapter if settings.default_adapter in loaded else "none"
+    adapters, counts, sizes = [usual], [1], [None]
     if settings.compile:
-        adapters = list(dict.fromkeys([default, "none", *loaded]))
+        adapters = list(dict.fromkeys([usual, "none", *loaded]))
         counts = sorted({1, min(2, settings.batch_max_images), settings.batch_max_images})
         sizes = list(dict.fromkeys(settings.compile_sizes))
     per_job = settings.limits.max_images
