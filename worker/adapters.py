@@ -320,7 +320,7 @@ def read_adapter(files: AdapterFiles, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
             f"adapter {files.name!r} is in no known LoRA layout (first key: {keys[0]!r}); expected PEFT "
             f"({PEFT_PREFIX}...), diffusers (unet....) or kohya (lora_unet_...) keys"
         )
-    modules = sum(1 for key in state_dict if _DOWN_KEY.search(key))
+    modules = _adapted_modules(state_dict)
     if modules == 0:
         raise AdapterError(f"adapter {files.name!r} holds no LoRA matrices (first key: {keys[0]!r})")
     file = files.weights.name
@@ -355,8 +355,9 @@ def _lora_matrices(pipe, internal_name: str) -> dict[str, torch.nn.Parameter]:
     return matrices
 
 
-def _adapted_modules(matrices: dict[str, torch.nn.Parameter]) -> int:
-    return sum(key.endswith(".lora_A.weight") for key in matrices)
+def _adapted_modules(state_dict: dict[str, torch.Tensor]) -> int:
+    """How many modules a diffusers-keyed state dict adapts: one down matrix each."""
+    return sum(1 for key in state_dict if _DOWN_KEY.search(key))
 
 
 def _modules_of(state_dict: dict[str, torch.Tensor]) -> set[str]:

@@ -75,11 +75,11 @@ class WorkerService:
             # and their scales tensors, so that swapping adapters in place never recompiles.
             pipe.enable_lora_hotswap(target_rank=settings.lora_max_rank)
         reloads.reload(list_adapters(settings.lora_dir))
+        warm_up = warm_up_batches(settings, list(registry.loaded)) if settings.warmup_steps else []
         if settings.compile:
-            graphs = len(warm_up_batches(settings, list(registry.loaded)))
-            compile_pipeline(pipe, settings.compile_backend, settings.compile_mode, graphs)
+            compile_pipeline(pipe, settings.compile_backend, settings.compile_mode, graphs=len(warm_up))
         if settings.warmup_steps:
-            service.warm_up()
+            service.warm_up(warm_up)
             if settings.compile:
                 serve_compiled_shapes_only()
         elif settings.compile:
@@ -88,18 +88,16 @@ class WorkerService:
         service.janitor.requeue_dead_jobs(dead_worker=worker_name)
         return service
 
-    def warm_up(self) -> None:
+    def warm_up(self, batches: list[list[JobOptions]]) -> None:
         """Renders a few throwaway steps before the first job, so that no user pays for what the first render
         sets up (see `warm_up_batches`)."""
         started = time.perf_counter()
         renderer = self.jobs.renderer
-        batches = warm_up_batches(self.settings, list(renderer.adapters.loaded))
+        shapes = []
         for jobs in batches:
             renderer.finish_images(
                 renderer.render_batch(renderer.entries([(job, renderer.plan(job)) for job in jobs]))
             )
-        shapes = []
-        for jobs in batches:
             images = sum(job.num_images_per_prompt for job in jobs)
             shapes.append(f"{jobs[0].adapter or 'none'} {jobs[0].width}x{jobs[0].height} ×{images}")
         logger.info("warmed up in %.2f s: %s", time.perf_counter() - started, "; ".join(shapes))
