@@ -87,6 +87,11 @@ def format_queue(client: ImagineClient) -> str:
         f"dead letters:    {refused}"
         + (f" ({_by_label(counters.dead_letters)}; see imagine-admin dead-letters)" if refused else ""),
     ]
+    if counters.uncompiled_renders:
+        lines.append(
+            f"uncompiled:      {counters.uncompiled_renders} batches at eager speed on compiled workers "
+            "(shapes their warm-up did not compile: see their log)"
+        )
     for letter in stats.dead_letters[:3]:
         lines.append(f"  refused {_when(letter.at)}: {letter.kind}: {letter.reason}")
     for name, status in sorted(stats.workers.items()):

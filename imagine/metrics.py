@@ -70,6 +70,12 @@ class ServiceCollector(Collector):
             "kind",
             stats.counters.dead_letters,
         )
+        yield CounterMetricFamily(
+            "imagine_uncompiled_renders",
+            "Batches a compiled worker (COMPILE) rendered uncompiled, at eager speed: shapes its warm-up did "
+            "not compile (another size or prompt length, a blend, one image without guidance; see the worker's log).",
+            value=stats.counters.uncompiled_renders,
+        )
         serving = GaugeMetricFamily(
             "imagine_adapter_serving",
             "1 for each adapter version a worker serves.",

@@ -334,6 +334,8 @@ class ServiceCounters:
     """Adapter loads by the workers, at start and on reload requests, by AdapterLoadOutcome."""
     dead_letters: dict[str, int]
     """Queue messages the workers refused, by DeadLetterKind."""
+    uncompiled_renders: int = 0
+    """Batches compiled workers rendered uncompiled, at eager speed: shapes their warm-up did not compile."""
 
 
 @dataclass
@@ -845,6 +847,9 @@ class JobStore:
             recent=list(recent_s.values()),
         )
 
+    def record_uncompiled_render(self) -> None:
+        self.redis.hincrby(self.key("counters"), "uncompiled_renders", 1)
+
     def record_adapter_load(self, outcome: AdapterLoadOutcome) -> None:
         self.redis.hincrby(self.key("counters"), f"adapter_loads:{AdapterLoadOutcome(outcome)}", 1)
 
@@ -862,6 +867,7 @@ class JobStore:
             cancelled=raw.get("cancelled", 0),
             adapter_loads=by_label("adapter_loads", AdapterLoadOutcome),
             dead_letters=by_label("dead_letters", DeadLetterKind),
+            uncompiled_renders=raw.get("uncompiled_renders", 0),
         )
 
     def recent_failures(self) -> dict[str, int]:

@@ -330,6 +330,13 @@ def make_lora_state(
     return model
 
 
+def rewrite_adapter(folder: Path, layout: str, peft_model) -> Path:
+    """Replace what an adapter's name holds (a folder or a kohya file) by `peft_model`'s LoRA in `layout`."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.with_suffix(".safetensors").unlink(missing_ok=True)
+    return write_adapter(folder, layout, peft_model)
+
+
 def write_adapter(folder: Path, layout: str, peft_model) -> Path:
     """Write `peft_model`'s LoRA in one of the three layouts; returns the adapter's path in LORA_DIR."""
     from diffusers import StableDiffusionPipeline

@@ -3,7 +3,6 @@ compiled pipeline, each checked against the plain way of rendering the same job,
 
 from __future__ import annotations
 
-import shutil
 import uuid
 
 import pytest
@@ -19,6 +18,8 @@ from tests.helpers import (
     make_lora_state,
     nearly_the_same,
     pixels,
+    rewrite_adapter,
+    run_cli,
     service_settings,
     wait_for,
     write_adapter,
@@ -54,6 +55,11 @@ def rendered(renderer: Renderer, jobs) -> list[list[bytes]]:
     """Each job's PNGs from one batch."""
     entries = renderer.entries([(options, renderer.plan(options)) for options in jobs])
     return [output.images for output in renderer.finish_images(renderer.render_batch(entries))]
+
+
+def rendered_uncompiled(renderer: Renderer, jobs) -> bool:
+    """Whether a compiled renderer ran some of the batch's model calls uncompiled."""
+    return renderer.render_batch(renderer.entries([(options, renderer.plan(options)) for options in jobs])).uncompiled
 
 
 def test_a_job_alone_is_diffusers_own_render(tiny_pipe, lora_dir):
@@ -147,9 +153,7 @@ def test_versions_in_every_layout_swapped_in_turn_render_like_fresh_loads(
     renderer = Renderer(tiny_pipe, registry, "", allow_safety_checker_off=False)
     fresh_pipe = load_pipeline("tiny", choose_placement("cpu", "float32"), model_cache, safety_checker=False)
     for step, (layout, version) in enumerate([("peft", "v1"), ("kohya", "v2"), ("diffusers", "v1"), ("peft", "v2")]):
-        for stale in lora_dir.glob("swapped*"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        path = write_adapter(lora_dir / "swapped", layout, adapter_weights[version])
+        path = rewrite_adapter(lora_dir / "swapped", layout, adapter_weights[version])
         if layout == "kohya":  # the same weights, its alphas twice the rank: the scaling is the file's
             state = load_file(path)
             save_file(
@@ -188,8 +192,7 @@ def test_a_dora_version_is_copied_into_place_and_a_swap_diffusers_fails_never_lo
     write_adapter(lora_dir / "dora", "peft", make_lora_state(unet(), seed=1, alpha=8.0, use_dora=True))
     first, *_ = [registry.load(name) for name in ("dora", "other", "flickr30k")]
     renderer.render(job(adapter="dora"))
-    shutil.rmtree(lora_dir / "dora")
-    write_adapter(lora_dir / "dora", "peft", make_lora_state(unet(), seed=2, alpha=8.0, use_dora=True))
+    rewrite_adapter(lora_dir / "dora", "peft", make_lora_state(unet(), seed=2, alpha=8.0, use_dora=True))
     assert registry.load("dora").internal_name == first.internal_name  # magnitudes and matrices copied in place
     assert like_a_fresh_load("dora")
 
@@ -205,9 +208,7 @@ def test_a_dora_version_is_copied_into_place_and_a_swap_diffusers_fails_never_lo
         renderer.render(job(adapter=active))
         before = registry.loaded["other"]
         state = make_lora_state(unet(), seed=len(targets), alpha=8.0, targets=targets)
-        for stale in lora_dir.glob("other*"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        write_adapter(lora_dir / "other", layout, state)
+        rewrite_adapter(lora_dir / "other", layout, state)
         after = registry.load("other")
         assert after.internal_name != before.internal_name and after.version != before.version
         assert not [layer for layer in registry.layers() if before.internal_name in layer.lora_A]
@@ -224,8 +225,7 @@ def test_a_swap_into_one_adapter_leaves_the_others_as_they_were(tiny_pipe, lora_
         write_adapter(lora_dir / f"n{number}", "diffusers", adapter_weights["v1" if number % 2 else "v2"])
         registry.load(f"n{number}")
     before = [pixels(renderer.render(job(adapter=f"n{number}")).images[0]) for number in (9, 10)]
-    shutil.rmtree(lora_dir / "n0")
-    write_adapter(lora_dir / "n0", "kohya", adapter_weights["v1"])  # alphas apart: diffusers' hotswap swaps it
+    rewrite_adapter(lora_dir / "n0", "kohya", adapter_weights["v1"])  # alphas apart: diffusers' hotswap swaps it
     assert registry.load("n0").internal_name == "adapter00000001"
     assert [pixels(renderer.render(job(adapter=f"n{number}")).images[0]) for number in (9, 10)] == before
 
@@ -240,29 +240,34 @@ def test_after_the_warm_up_no_job_compiles_and_reloads_and_switches_never_recomp
         registry.load(name)
     paths = [job(), job(adapter="other"), job(adapter="none")]  # fused, LoRA layers, the base model
     unwarmed = [job(width=96), job(width=72), job(prompt="a dog, " + "on a beach, " * 30)]
-    eager = [renderer.render(options).images[0] for options in paths]
+    other_schedulers = [job(scheduler=name) for name in ("euler", "euler_ancestral", "ddim", "dpmpp_2m")]
+    eager = [renderer.render(options).images[0] for options in [*paths, *other_schedulers]]
     eager_unwarmed = [renderer.render(options).images for options in unwarmed]
 
     # A backend that runs the graphs dynamo captures as they are: what is checked is the capture and its guards.
-    compile_pipeline(tiny_pipe, "eager", None)
+    renderer.uncompiled_calls = compile_pipeline(tiny_pipe, "eager", None)
     settings = WorkerSettings(compile=True, default_adapter="flickr30k", batch_max_images=4, warmup_steps=1,
                               compile_sizes="64x64")  # fmt: skip
-    for jobs in warm_up_batches(settings, list(registry.loaded)):
-        rendered(renderer, jobs)
+    assert not any(rendered_uncompiled(renderer, jobs) for jobs in warm_up_batches(settings, list(registry.loaded)))
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
-            warm = [renderer.render(options).images[0] for options in paths]  # each covered by the warm-up
+            # Each covered by the warm-up, whatever the scheduler: the Euler schedulers' timesteps are floats,
+            # the default's integers, and the compiled UNet gets floats from every one.
+            warm = [renderer.render(options).images[0] for options in [*paths, *other_schedulers]]
             for adapter in ("flickr30k", "other", "none"):  # 1, 2 and 4 images warmed up: 3 takes 2's graph
                 renderer.render(job(adapter=adapter, num_images_per_prompt=3))
             with pytest.raises(RuntimeError, match="Detected recompile"):
                 renderer.render(unwarmed[1])
         assert all(nearly_the_same(a, b) for a, b in zip(warm, eager, strict=True))
 
-        # As the worker serves after its warm-up: a shape the warm-up did not compile renders uncompiled.
+        # As the worker serves after its warm-up: a shape the warm-up did not compile renders uncompiled,
+        # and says so (one image without guidance, a UNet batch of one, too).
         serve_compiled_shapes_only()
         graphs = counters["stats"]["unique_graphs"]
         assert [renderer.render(options).images for options in unwarmed] == eager_unwarmed
         assert counters["stats"]["unique_graphs"] == graphs
+        assert all(rendered_uncompiled(renderer, [options]) for options in [*unwarmed, job(guidance_scale=1.0)])
+        assert not any(rendered_uncompiled(renderer, [options]) for options in paths)
 
         write_adapter(lora_dir / "other", "diffusers", adapter_weights["v1"])  # a new version of the same shapes
         with torch.compiler.set_stance("fail_on_recompile"):
@@ -273,6 +278,33 @@ def test_after_the_warm_up_no_job_compiles_and_reloads_and_switches_never_recomp
         assert nearly_the_same(renderer.render(job(adapter="other")).images[0], renderer.render(job()).images[0])
     finally:
         torch.compiler.set_stance("default")  # the stance is the process's; the next tests compile as usual
+
+
+@pytest.mark.integration
+def test_a_compiled_worker_serves_and_counts_what_it_renders_uncompiled(start_worker):
+    # The eager backend: what a worker does around the compiler is checked, not the compiler's speed.
+    worker = start_worker(name="compiled", COMPILE="true", COMPILE_BACKEND="eager", COMPILE_SIZES="64x64",
+                          BATCH_MAX_IMAGES="1")  # fmt: skip
+    client = ImagineClient(worker.settings)
+    small = {"prompt": "a dog", "num_inference_steps": 2, "width": 64, "height": 64, "adapter": "none"}
+    jobs = [
+        {**small},  # the shape the warm-up compiled
+        {**small, "width": 72},
+        {**small, "scheduler": "euler"},  # another scheduler, the same graph
+        {**small, "guidance_scale": 1.0},
+        {**small, "width": 72, "seed": 5},  # the same shape again: counted, not logged again
+    ]
+    for options in jobs:
+        submitted = client.submit(options)
+        assert list(client.events(submitted.job_id))[-1].type == "done"
+    assert client.queue_stats().counters.uncompiled_renders == 3
+    log = worker.log_path.read_text()
+    assert "warmed up in" in log and "64x64 ×1, adapters none, scheduler default, guidance 7.5" in log
+    uncompiled = [line for line in log.splitlines() if "rendered uncompiled, at eager speed" in line]
+    assert len(uncompiled) == 2, uncompiled
+    assert "72x64 ×1, adapters none, scheduler default" in uncompiled[0] and "no guidance" in uncompiled[1]
+    queue = run_cli(worker.settings, "imagine-admin", "queue")
+    assert "uncompiled:      3 batches at eager speed on compiled workers" in queue.stdout, queue.stderr
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,7 @@ def test_metrics_count_the_queue_renders_failures_and_reloads(monitored):
     assert sample(metrics, "imagine_dead_letters_total", kind="undecodable") == 1
     for kind in ("not_a_job", "unknown_job", "disagrees"):
         assert sample(metrics, "imagine_dead_letters_total", kind=kind) == 0
+    assert sample(metrics, "imagine_uncompiled_renders_total") == 0  # counted by compiled workers only
 
 
 def test_imagine_admin_queue_tells_the_same_numbers_as_the_exporter(monitored):

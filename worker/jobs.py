@@ -29,7 +29,7 @@ from typing import Any
 
 from imagine.contract import JobOptions, JobRejected, parse_job_options
 from imagine.images import image_digest
-from imagine.logs import job_context
+from imagine.logs import OncePerKey, job_context
 from imagine.queue import RefusedMessage, message_options, task_id
 from imagine.store import (
     DEAD_LETTER_BYTES,
@@ -60,6 +60,7 @@ from worker.attempt import Attempt, AttemptsInHand
 from worker.liveness import StatusBoard
 from worker.metrics import WorkerMetrics
 from worker.renderer import (
+    BatchEntry,
     DecodedBatch,
     Renderer,
     RenderOutput,
@@ -259,6 +260,7 @@ class JobRunner:
         self.metrics = metrics
         self.worker_name = board.worker_name
         self.finisher = Finisher(self._finish_batch)
+        self._uncompiled_shapes = OncePerKey(logger)
 
     def run(self, job_id: str, options: dict[str, Any], number: int) -> dict[str, Any]:
         """One message of the queue, and whatever joins its job in a batch, up to the finisher; returns a
@@ -441,6 +443,8 @@ class JobRunner:
                 if member.left is None:
                     self.in_hand.rendered(member.attempt)
             self.finisher.submit(members, batch)
+            if batch.uncompiled:
+                self._rendered_uncompiled(entries)
             return
         # Here, past the except block, whose traceback kept the render's tensors alive.
         free_memory()
@@ -455,6 +459,18 @@ class JobRunner:
             if member.left is None:
                 member.left = failure
                 self._left(member)
+
+    def _rendered_uncompiled(self, entries: list[BatchEntry]) -> None:
+        """Counted every time, logged once per shape: the operator's cue to warm that shape up."""
+        self.metrics.uncompiled_render()
+        shape = entries[0].plan.batch_key.shape(sum(entry.options.num_images_per_prompt for entry in entries))
+        self._uncompiled_shapes.warning(
+            shape,
+            "a batch rendered uncompiled, at eager speed: no graph of the warm-up covers %s (COMPILE_SIZES "
+            "lists the sizes it compiles; see COMPILE in the README); counted in imagine_uncompiled_renders, "
+            "logged once per shape",
+            shape,
+        )
 
     def _left(self, member: Member) -> None:
         """A job left its batch: said to its user now, while the others render on."""

@@ -30,6 +30,9 @@ class WorkerMetrics:
     def render(self, seconds: float) -> None:
         self._record(self.store.record_duration, "render", seconds)
 
+    def uncompiled_render(self) -> None:
+        self._record(self.store.record_uncompiled_render)
+
     def adapter_load(self, outcome: AdapterLoadOutcome) -> None:
         self._record(self.store.record_adapter_load, outcome)
 

@@ -8,11 +8,13 @@ a real model takes, so demos and tests run offline and exercise the real loading
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,17 +247,63 @@ def load_pipeline(base_model: str, placement: Placement, cache_dir: Path, safety
     return pipe
 
 
-def compile_pipeline(pipe, backend: str, mode: str | None, graphs: int = 0) -> None:
-    """torch.compile the UNet and the VAE's decoder in place (the module objects stay: adapters, fusing and
-    hot-swapping reach the same layers). Call it after `pipe.enable_lora_hotswap` and the first adapter's
-    load, so that later reloads and switches swap tensors in place without recompiling. `graphs`: how many
-    the warm-up may compile of each (one per adapter path, image count and size): past dynamo's limit (8)
-    it would stop compiling and render the rest eagerly."""
+class UncompiledCalls:
+    """Counts the calls of the compiled modules that ran uncompiled. Under `serve_compiled_shapes_only`, a
+    call whose shapes no compiled graph covers runs eagerly, and torch says nothing of it: the count is how
+    the worker tells an operator that some jobs render at eager speed (and which shapes to warm up)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def counted(self, forward: Callable) -> Callable:
+        """The forward, counting its uncompiled calls once compiled. Not a forward hook: dynamo compiles a hook
+        as a frame of its own, whose guards pass whatever shapes the forward gets."""
+
+        @functools.wraps(forward)
+        def counted_forward(*args, **kwargs):
+            # While dynamo traces the forward, `is_compiling()` is True and the branch leaves nothing in the
+            # graph: only a call that runs the module's Python code, uncompiled, counts.
+            if not torch.compiler.is_compiling():
+                self.count += 1
+            return forward(*args, **kwargs)
+
+        # Dynamo keeps its graphs, and counts them against its recompile limit, per code object: each module
+        # gets a code object of its own, as its own forward had, so that the UNet's graphs and the decoder's
+        # are not counted together.
+        counted_forward.__code__ = counted_forward.__code__.replace()
+        return counted_forward
+
+
+def compile_pipeline(pipe, backend: str, mode: str | None, graphs: int = 0) -> UncompiledCalls:
+    """torch.compile the forward of the UNet and of the VAE's decoder in place (the module objects stay:
+    adapters, fusing and hot-swapping reach the same layers). Call it after `pipe.enable_lora_hotswap` and
+    the first adapter's load, so that later reloads and switches swap tensors in place without recompiling.
+    `graphs`: how many the warm-up may compile of each (one per adapter path, image count and size): past
+    dynamo's limit (8) it would stop compiling and render the rest eagerly. Returns the count of their
+    uncompiled calls."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     options = {"backend": backend, **({"mode": mode} if mode else {})}
-    pipe.unet.compile(**options)
-    pipe.vae.decoder.compile(**options)
+    uncompiled = UncompiledCalls()
+    pipe.unet.forward = _with_float_timestep(torch.compile(uncompiled.counted(pipe.unet.forward), **options))
+    pipe.vae.decoder.forward = torch.compile(uncompiled.counted(pipe.vae.decoder.forward), **options)
     logger.info("compiled the UNet and the VAE decoder (%s)", ", ".join(f"{k}={v}" for k, v in options.items()))
+    return uncompiled
+
+
+def _with_float_timestep(forward: Callable) -> Callable:
+    """The compiled UNet's forward, given its timestep as a float whatever the scheduler's dtype: dynamo
+    guards on dtypes, and the Euler schedulers' float timesteps would otherwise miss every graph the warm-up
+    compiled with the default scheduler's integers. The UNet makes its timestep a float before anything
+    else uses it, so the result is the same (timesteps up to 1000 are exact floats). This runs outside the
+    compiled function: inside, the cast would come after dynamo's guards."""
+
+    @functools.wraps(forward)
+    def forward_with_float_timestep(sample, timestep, *args, **kwargs):
+        if isinstance(timestep, torch.Tensor) and not timestep.is_floating_point():
+            timestep = timestep.float()
+        return forward(sample, timestep, *args, **kwargs)
+
+    return forward_with_float_timestep
 
 
 def serve_compiled_shapes_only() -> None:
@@ -263,5 +311,6 @@ def serve_compiled_shapes_only() -> None:
     compiling under the user's job (torch.compiler's `eager_on_recompile` stance). Dynamo guards on shapes:
     a new size, image count or prompt length would otherwise compile again, for up to a minute on a GPU,
     and its automatic dynamic shapes generalise to some neighbours, not to every one (seen on the tiny
-    model: a job of 4 images after batches of 1 and 8 compiled again, and so did an odd latent side)."""
+    model: a job of 4 images after batches of 1 and 8 compiled again, and so did an odd latent side and
+    one image without guidance). `UncompiledCalls` counts them."""
     torch.compiler.set_stance("eager_on_recompile")

@@ -27,6 +27,7 @@ from imagine.contract import NO_ADAPTER, JobOptions, JobRejected, Limits
 from imagine.images import decode_image, image_digest, resized
 from imagine.wire import AdapterUse
 from worker.adapters import Activation, AdapterError, AdapterRegistry
+from worker.pipeline import UncompiledCalls
 from worker.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,15 @@ class BatchKey:
     strength: float | None = None
     prompt_chunks: int = 1
     """How many chunks of 75 tokens the longer of its prompt and negative prompt takes (with prompt weights on)."""
+
+    def shape(self, images: int) -> str:
+        """What a compiled graph is specific to, for the logs: a batch of this key with `images` images."""
+        adapters = "+".join(name for name, _ in self.adapters) or "none"
+        guidance = f"guidance {self.guidance_scale:g}" if self.guidance_scale > 1 else "no guidance"
+        chunks = f", {self.prompt_chunks} prompt chunks" if self.prompt_chunks > 1 else ""
+        img2img = ", img2img" if self.init_image else ""
+        size = f"{self.width}x{self.height} ×{images}"
+        return f"{size}, adapters {adapters}, scheduler {self.scheduler}, {guidance}{chunks}{img2img}"
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,8 @@ class DecodedBatch:
     entries: list[BatchEntry]
     scheduler: str
     render_s: float
+    uncompiled: bool = False
+    """A compiled pipeline ran some of its calls uncompiled: no graph of the warm-up covers the batch's shapes."""
 
 
 @dataclass
@@ -216,6 +228,8 @@ class Renderer:
         self._scheduler_names = {"default": type(pipe.scheduler).__name__} | {
             name: cls.__name__ for name, cls in _scheduler_classes().items()
         }
+        self.uncompiled_calls: UncompiledCalls | None = None
+        """Set once the pipeline is compiled (`compile_pipeline`)."""
 
     def plan(self, options: JobOptions) -> RenderPlan:
         """Resolve the adapter and check what can be checked before rendering. Raises AdapterError or
@@ -316,6 +330,7 @@ class Renderer:
             image = decode_image(entries[0].options.image, self.limits.max_image_bytes, self.limits.max_image_pixels)
             pipe, start = self.img2img, {"image": resized(image, key.width, key.height), "strength": key.strength}
         pipe.scheduler = self._schedulers[key.scheduler]
+        uncompiled_before = self.uncompiled_calls.count if self.uncompiled_calls else 0
         started = time.perf_counter()
         if self.prompt_encoder is not None:
             embeds, negative_embeds = self.prompt_encoder.encode(prompts, negative_prompts)
@@ -331,7 +346,9 @@ class Renderer:
             output_type="pt",
             **start,
         ).images
-        return DecodedBatch(images, entries, self._scheduler_names[key.scheduler], time.perf_counter() - started)
+        render_s = time.perf_counter() - started
+        uncompiled = self.uncompiled_calls is not None and self.uncompiled_calls.count > uncompiled_before
+        return DecodedBatch(images, entries, self._scheduler_names[key.scheduler], render_s, uncompiled)
 
     def finish_images(self, batch: DecodedBatch) -> list[RenderOutput]:
         """The safety check and the PNGs of a rendered batch, one RenderOutput per job."""

@@ -77,7 +77,9 @@ class WorkerService:
         reloads.reload(list_adapters(settings.lora_dir))
         warm_up = warm_up_batches(settings, list(registry.loaded)) if settings.warmup_steps else []
         if settings.compile:
-            compile_pipeline(pipe, settings.compile_backend, settings.compile_mode, graphs=len(warm_up))
+            renderer.uncompiled_calls = compile_pipeline(
+                pipe, settings.compile_backend, settings.compile_mode, graphs=len(warm_up)
+            )
         if settings.warmup_steps:
             service.warm_up(warm_up)
             if settings.compile:
@@ -95,11 +97,12 @@ class WorkerService:
         renderer = self.jobs.renderer
         shapes = []
         for jobs in batches:
-            renderer.finish_images(
-                renderer.render_batch(renderer.entries([(job, renderer.plan(job)) for job in jobs]))
-            )
+            entries = renderer.entries([(job, renderer.plan(job)) for job in jobs])
+            batch = renderer.render_batch(entries)
+            renderer.finish_images(batch)
             images = sum(job.num_images_per_prompt for job in jobs)
-            shapes.append(f"{jobs[0].adapter or 'none'} {jobs[0].width}x{jobs[0].height} ×{images}")
+            # Uncompiled here: the compiler gave up on this shape (its recompile limit, an error it logged).
+            shapes.append(entries[0].plan.batch_key.shape(images) + (" (uncompiled)" if batch.uncompiled else ""))
         logger.info("warmed up in %.2f s: %s", time.perf_counter() - started, "; ".join(shapes))
 
     def run_job(self, job_id: str, options: dict[str, Any], attempt: int) -> dict[str, Any]:
