@@ -429,14 +429,53 @@ def test_bucketed_training_resumes_exactly_and_keeps_a_square_validation_grid(mi
         assert torch.allclose(one[key], other[key], atol=1e-6), key
 
 
+def stock_pipeline(model_cache):
+    from diffusers import StableDiffusionPipeline
+
+    from worker.pipeline import resolve_base_model
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_base_model("tiny", model_cache), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def merge_as_lycoris(pipe, kohya: dict[str, torch.Tensor]) -> int:
+    """Merge a kohya / LyCORIS file into the pipeline's weights the way LyCORIS defines it (W + up @ down *
+    alpha / rank, and with a `dora_scale`, DoRA's weight decomposed per output channel: that magnitude times
+    the merged weight over its norm); returns how many modules it changed."""
+    modules = {"lora_unet_" + name.replace(".", "_"): module for name, module in pipe.unet.named_modules()}
+    for name, module in pipe.text_encoder.named_modules():  # A1111's SD 1.x names: lora_te_text_model_…
+        full_name = name if name.startswith("text_model.") else f"text_model.{name}"
+        modules["lora_te_" + full_name.replace(".", "_")] = module
+    merged = 0
+    with torch.no_grad():
+        for key in [key for key in kohya if key.endswith(".lora_down.weight")]:
+            name = key.removesuffix(".lora_down.weight")
+            down, up, weight = kohya[key], kohya[f"{name}.lora_up.weight"], modules[name].weight
+            scale = kohya[f"{name}.alpha"].item() / down.shape[0] if f"{name}.alpha" in kohya else 1.0
+            new = weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+            if f"{name}.dora_scale" in kohya:
+                norm = new.reshape(new.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (new.ndim - 1))
+                new = kohya[f"{name}.dora_scale"].reshape(-1, *[1] * (new.ndim - 1)) * new / norm
+            weight.copy_(new)
+            merged += 1
+    return merged
+
+
+def nearly_the_same_pixels(first: bytes, second: bytes) -> bool:
+    """Two renders' raw RGB bytes, the same image but for rounding (merged weights against peft's layers)."""
+    import numpy as np
+
+    differences = np.abs(np.frombuffer(first, np.uint8).astype(np.int16) - np.frombuffer(second, np.uint8))
+    return len(first) == len(second) and int(differences.max()) <= 1 and float((differences > 0).mean()) <= 0.05
+
+
 @pytest.mark.parametrize("network", ["lora", "dora"])
 def test_convolutions_and_a_text_encoder_trained_serve_alike_from_every_file(flickr, model_cache, tmp_path, network):
     """LoCon-like targets (the ResNet convolutions too) and a text encoder LoRA, as LoRA and as DoRA: the worker
     renders what stock diffusers renders from the diffusers file, and for LoRA from the kohya / A1111 file."""
-    from diffusers import StableDiffusionPipeline
-
     from worker.adapters import AdapterRegistry
-    from worker.pipeline import choose_placement, load_pipeline, resolve_base_model
+    from worker.pipeline import choose_placement, load_pipeline
 
     output = tmp_path / "loradir" / network
     dora = ["--use-dora"] if network == "dora" else []
@@ -493,19 +532,22 @@ def test_convolutions_and_a_text_encoder_trained_serve_alike_from_every_file(fli
     assert by_worker != base
 
     def stock(weight_name: str):
-        pipe = StableDiffusionPipeline.from_pretrained(resolve_base_model("tiny", model_cache), safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = stock_pipeline(model_cache)
         pipe.load_lora_weights(output, weight_name=weight_name)
         return pipe
 
     assert render(stock("pytorch_lora_weights.safetensors")) == by_worker
     kohya = load_file(output / f"{network}.safetensors")
     if dora:
-        # One LyCORIS dora_scale per module (diffusers' kohya loader drops them, so only their form is checked).
+        # One LyCORIS dora_scale per module, per output channel. diffusers' kohya loader drops them: the file
+        # is merged into the base weights as LyCORIS defines it, and renders what the diffusers file renders.
         scales = {key: tensor for key, tensor in kohya.items() if key.endswith(".dora_scale")}
         assert len(scales) == len(lora_a)
         assert kohya["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"].shape == (32, 1, 1, 1)
         assert all(tensor.shape[1:] in ((1,), (1, 1, 1)) for tensor in scales.values())
+        merged = stock_pipeline(model_cache)
+        assert merge_as_lycoris(merged, kohya) == len(lora_a)
+        assert nearly_the_same_pixels(render(merged), by_worker)
     else:
         assert render(stock(f"{network}.safetensors")) == by_worker
     # The text encoder's modules under the names A1111 gives them in SD 1.x files.

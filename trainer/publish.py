@@ -116,8 +116,9 @@ def publish(
         "`pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights`),",
         f"`{kohya_file_name(config.output.name)}` (kohya / A1111: the web UI's and ComfyUI's `models/Lora`"
         + (
-            "; DoRA's magnitudes in it as LyCORIS' `dora_scale`, which diffusers' kohya loader drops: in diffusers, "
-            "load the diffusers file"
+            "; DoRA's magnitudes in it as LyCORIS' per-output-channel `dora_scale`, which LyCORIS, ComfyUI and "
+            "Forge read; the A1111 web UI's built-in Lora extension misreads it (train LoRA for A1111), and "
+            "diffusers' kohya loader drops it: in diffusers, load the diffusers file"
             if lora_config.use_dora
             else ""
         )

@@ -707,8 +707,11 @@ def save_adapter(
 
 def _to_kohya(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' converter for the LoRA matrices; DoRA's magnitude vectors, which it does not know, as the
-    `dora_scale` of the same module in LyCORIS' shape (out_features, 1, ...), which the A1111 web UI and
-    ComfyUI read. diffusers' own kohya loader drops `dora_scale` (it says so) for SD 1.x."""
+    `dora_scale` of the same module in LyCORIS' per-output-channel shape (out_features, 1, ...), as peft
+    decomposes. ComfyUI and Forge read that shape (normalising by the base weight's norm, not the merged
+    weight's as LyCORIS and peft do: off by the ratio of the two norms); the A1111 web UI's built-in Lora
+    extension knows only the per-input-channel shape and misreads it; diffusers' kohya loader drops
+    `dora_scale` (it says so)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     magnitudes = {key: t for key, t in diffusers_state.items() if f".{DORA_MAGNITUDE}" in key}
