@@ -725,13 +725,14 @@ def train(config: TrainConfig) -> Path:
     def on_device(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(accelerator.device, non_blocking=True)
 
-    def cached_or_encoded(entries, names: list[str], rows, encode, read_s: float = 0.0) -> torch.Tensor:
+    def cached_or_encoded(entries, names: list[str], rows, encode, read_s: float, counted: bool) -> torch.Tensor:
         """The examples' encodings, stacked: those a DataLoader worker read from the cache (one tensor when it
         found all), the rest encoded in one batch from `rows` (pixels or token ids, pinned: one row per
         missing entry) and written to the cache. An entry written since the worker looked (it reads ahead
-        of the step that writes) is read rather than encoded twice."""
+        of the step that writes) is read rather than encoded twice. `counted`: in the cache's hits and
+        misses (those of the training steps)."""
         if isinstance(entries, torch.Tensor):
-            if cache is not None:
+            if cache is not None and counted:
                 cache.count(len(entries), 0, read_s)
             return on_device(entries)
         missing = [k for k, entry in enumerate(entries) if entry is None]
@@ -750,11 +751,11 @@ def train(config: TrainConfig) -> Path:
                 parts[k] = tensor
                 if cache is not None:
                     cache.write(names[k], tensor)
-        if cache is not None:
+        if cache is not None and counted:
             cache.count(len(parts) - len(still), len(still), read_s, time.perf_counter() - started)
         return torch.stack([on_device(part) for part in parts])
 
-    def latents_of(item: dict) -> torch.Tensor:
+    def latents_of(item: dict, counted: bool = True) -> torch.Tensor:
         """The examples' latents, sampled from their distributions (cached, or encoded now)."""
         parameters = cached_or_encoded(
             item["latents"],
@@ -762,19 +763,25 @@ def train(config: TrainConfig) -> Path:
             item["pixels"],
             lambda pixels: encoders.vae().encode(pixels.to(weight_dtype)).latent_dist.parameters,
             item["cache_read_s"],
+            counted,
         )
         # Sampled from the distribution whether it was cached or not: the same generator, the same latents.
         distribution = DiagonalGaussianDistribution(parameters)
         epsilon = on_device(item["epsilon"]).to(distribution.mean)
         return ((distribution.mean + distribution.std * epsilon) * latent_space.scaling_factor).float()
 
-    def text_states(item: dict) -> torch.Tensor:
+    def text_states(item: dict, counted: bool = True) -> torch.Tensor:
         """The captions' text encoder states: cached, or encoded now (every one, with gradients, when the text
         encoder trains)."""
         if text_encoder is not None:
             return text_encoder(on_device(item["input_ids"]))[0]
         return cached_or_encoded(
-            item["texts"], item["text_names"], item["input_ids"], lambda ids: encoders.text_encoder()(ids)[0]
+            item["texts"],
+            item["text_names"],
+            item["input_ids"],
+            lambda ids: encoders.text_encoder()(ids)[0],
+            0.0,
+            counted,
         )
 
     @torch.no_grad()
@@ -785,9 +792,10 @@ def train(config: TrainConfig) -> Path:
         count = min(4, len(images))
         for index in range(count):  # one at a time: with buckets they may differ in size
             item = dataset.prepare([images.example(0, index)], [torch.Generator().manual_seed(config.seed + index)])
-            latents = latents_of(item)  # as in the loop: what either writes to the cache is the same
+            # As in the loop (what either writes to the cache is the same), not counted in its hits and misses.
+            latents = latents_of(item, counted=False)
             with accelerator.autocast():
-                states = text_states(item)
+                states = text_states(item, counted=False)
             noise = on_device(item["noise"])
             for timestep in torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, 4).long():
                 timesteps = timestep.reshape(1).to(latents.device)
