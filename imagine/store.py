@@ -14,7 +14,8 @@ Keys (under the configured prefix):
   finished:{client}  zset   finished jobs nobody has confirmed delivery of, per front end
   workers            hash   worker name -> its latest status (JSON)
   reloads            stream adapter reload requests; reload:{request id} holds each worker's answer
-  counters           hash   jobs failed (per reason) and cancelled, adapter loads (per outcome), for ever
+  counters           hash   jobs failed (per reason) and cancelled, adapter loads (per outcome), dead letters
+                            (per kind), batches rendered uncompiled by compiled workers, for ever
   recent_failures    zset   `reason:job id` of the last hour's failures, by time
   duration:{name}    hash   a histogram of `render` and `queue_wait` seconds: count, sum, one count per bound
   recent:{name}      list   the latest of those durations, for medians and estimates

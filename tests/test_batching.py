@@ -299,10 +299,11 @@ def test_a_compiled_worker_serves_and_counts_what_it_renders_uncompiled(start_wo
         assert list(client.events(submitted.job_id))[-1].type == "done"
     assert client.queue_stats().counters.uncompiled_renders == 3
     log = worker.log_path.read_text()
-    assert "warmed up in" in log and "64x64 ×1, adapters none, scheduler default, guidance 7.5" in log
+    assert "warmed up in" in log and "64x64 ×1, adapters none" in log
     uncompiled = [line for line in log.splitlines() if "rendered uncompiled, at eager speed" in line]
     assert len(uncompiled) == 2, uncompiled
-    assert "72x64 ×1, adapters none, scheduler default" in uncompiled[0] and "no guidance" in uncompiled[1]
+    assert "covers 72x64 ×1, adapters none (" in uncompiled[0]
+    assert "covers 64x64 ×1, adapters none, no guidance (" in uncompiled[1]
     queue = run_cli(worker.settings, "imagine-admin", "queue")
     assert "uncompiled:      3 batches at eager speed on compiled workers" in queue.stdout, queue.stderr
 

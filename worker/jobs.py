@@ -442,9 +442,9 @@ class JobRunner:
             for member in members:
                 if member.left is None:
                     self.in_hand.rendered(member.attempt)
-            self.finisher.submit(members, batch)
-            if batch.uncompiled:
+            if batch.uncompiled:  # before the finisher says "done": whoever sees a job done sees it counted
                 self._rendered_uncompiled(entries)
+            self.finisher.submit(members, batch)
             return
         # Here, past the except block, whose traceback kept the render's tensors alive.
         free_memory()
@@ -467,7 +467,7 @@ class JobRunner:
         self._uncompiled_shapes.warning(
             shape,
             "a batch rendered uncompiled, at eager speed: no graph of the warm-up covers %s (COMPILE_SIZES "
-            "lists the sizes it compiles; see COMPILE in the README); counted in imagine_uncompiled_renders, "
+            "lists the sizes it compiles; see COMPILE in the README); counted in imagine_uncompiled_renders_total, "
             "logged once per shape",
             shape,
         )

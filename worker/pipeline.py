@@ -277,33 +277,36 @@ class UncompiledCalls:
 def compile_pipeline(pipe, backend: str, mode: str | None, graphs: int = 0) -> UncompiledCalls:
     """torch.compile the forward of the UNet and of the VAE's decoder in place (the module objects stay:
     adapters, fusing and hot-swapping reach the same layers). Call it after `pipe.enable_lora_hotswap` and
-    the first adapter's load, so that later reloads and switches swap tensors in place without recompiling.
-    `graphs`: how many the warm-up may compile of each (one per adapter path, image count and size): past
-    dynamo's limit (8) it would stop compiling and render the rest eagerly. Returns the count of their
-    uncompiled calls."""
+    the first adapter's load, so that later reloads and switches swap tensors in place without recompiling
+    (an adapter loaded later than that renders uncompiled: peft sees no compiled module to refuse, since the
+    forwards are compiled, not the modules). `graphs`: how many the warm-up may compile of each (one per
+    adapter path, image count and size): past dynamo's limit (8) it would stop compiling and render the rest
+    eagerly. Returns the count of their uncompiled calls."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     options = {"backend": backend, **({"mode": mode} if mode else {})}
     uncompiled = UncompiledCalls()
-    pipe.unet.forward = _with_float_timestep(torch.compile(uncompiled.counted(pipe.unet.forward), **options))
+    pipe.unet.forward = _with_timestep_ready(torch.compile(uncompiled.counted(pipe.unet.forward), **options))
     pipe.vae.decoder.forward = torch.compile(uncompiled.counted(pipe.vae.decoder.forward), **options)
     logger.info("compiled the UNet and the VAE decoder (%s)", ", ".join(f"{k}={v}" for k, v in options.items()))
     return uncompiled
 
 
-def _with_float_timestep(forward: Callable) -> Callable:
-    """The compiled UNet's forward, given its timestep as a float whatever the scheduler's dtype: dynamo
-    guards on dtypes, and the Euler schedulers' float timesteps would otherwise miss every graph the warm-up
-    compiled with the default scheduler's integers. The UNet makes its timestep a float before anything
-    else uses it, so the result is the same (timesteps up to 1000 are exact floats). This runs outside the
-    compiled function: inside, the cast would come after dynamo's guards."""
+def _with_timestep_ready(forward: Callable) -> Callable:
+    """The compiled UNet's forward, given its timestep as a float on the sample's device, whatever the
+    scheduler's dtype and device. Dynamo guards on dtypes: the Euler schedulers' float timesteps would
+    otherwise miss every graph the warm-up compiled with the default scheduler's integers. And a CPU tensor
+    among a graph's inputs keeps inductor from CUDA graphs (COMPILE_MODE=reduce-overhead); the schedulers
+    keep theirs on the CPU (`with_timesteps_on_cpu`). The UNet makes its timestep a float on the sample's
+    device before anything else uses it, so the result is the same (timesteps up to 1000 are exact floats).
+    This runs outside the compiled function: inside, the cast would come after dynamo's guards."""
 
     @functools.wraps(forward)
-    def forward_with_float_timestep(sample, timestep, *args, **kwargs):
-        if isinstance(timestep, torch.Tensor) and not timestep.is_floating_point():
-            timestep = timestep.float()
+    def forward_with_timestep_ready(sample, timestep, *args, **kwargs):
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(sample.device, torch.float32)
         return forward(sample, timestep, *args, **kwargs)
 
-    return forward_with_float_timestep
+    return forward_with_timestep_ready
 
 
 def serve_compiled_shapes_only() -> None:

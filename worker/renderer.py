@@ -58,13 +58,12 @@ class BatchKey:
     """How many chunks of 75 tokens the longer of its prompt and negative prompt takes (with prompt weights on)."""
 
     def shape(self, images: int) -> str:
-        """What a compiled graph is specific to, for the logs: a batch of this key with `images` images."""
+        """What a compiled graph is specific to, for the logs: a batch of this key with `images` images (its
+        scheduler, scales, guidance above 1 and starting image are not)."""
         adapters = "+".join(name for name, _ in self.adapters) or "none"
-        guidance = f"guidance {self.guidance_scale:g}" if self.guidance_scale > 1 else "no guidance"
+        guidance = ", no guidance" if self.guidance_scale <= 1 else ""  # a UNet batch of one per image, not two
         chunks = f", {self.prompt_chunks} prompt chunks" if self.prompt_chunks > 1 else ""
-        img2img = ", img2img" if self.init_image else ""
-        size = f"{self.width}x{self.height} ×{images}"
-        return f"{size}, adapters {adapters}, scheduler {self.scheduler}, {guidance}{chunks}{img2img}"
+        return f"{self.width}x{self.height} ×{images}, adapters {adapters}{guidance}{chunks}"
 
 
 @dataclass(frozen=True)
