@@ -17,7 +17,8 @@ Two figures, each as a ratio to the baseline:
   `--steps` call and a call of a third of those steps, so that text encoding and decoding cancel out;
 - images per second on a stream of `--jobs` jobs, one image each, different prompts and seeds, all
   queued at once (the best case for batching: every job fits one batch key), end to end to their PNGs.
-The first image of both sides is compared too: the same seed renders nearly the same picture.
+The first image of both sides is compared too: the same seed renders nearly the same picture. On CUDA, the
+host syncs per step of each side are counted too (torch's sync debug mode): ours should have none.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +172,30 @@ def steps_per_second(side, device: torch.device, steps: int, repeats: int) -> fl
     return statistics.median(rates)
 
 
+def host_syncs_per_step(side, steps: int = 5) -> float | str:
+    """On CUDA: the stream syncs the host waits for, per denoising step (torch's sync debug mode warns at each),
+    from a call of twice `steps` steps against one of `steps`, so that each call's own (its PNG) cancel out.
+    An error comes back as its text: it must not cost the run its other figures."""
+    try:
+        return _host_syncs_per_step(side, steps)
+    except Exception as error:  # reported in the figures, beside the others
+        return f"not measured: {error!r}"
+
+
+def _host_syncs_per_step(side, steps: int) -> float:
+    counts = []
+    for count in (steps, 2 * steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                side.image("a dog running on the beach", 0, count)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(warning.message).lower() for warning in caught))
+    return (counts[1] - counts[0]) / steps
+
+
 def images_per_second(side, device: torch.device, jobs: int, steps: int) -> float:
     stream = [(f"photo {n}: a person riding a bicycle down a street", 1000 + n) for n in range(jobs)]
     synchronize(device)
@@ -225,6 +251,7 @@ def main() -> None:
     reference = baseline.image("the same seed", 7, stream_steps)
     if placement.device.type == "cuda":
         figures["baseline_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        figures["baseline_host_syncs_per_step"] = host_syncs_per_step(baseline)
     del baseline
     if placement.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -246,6 +273,7 @@ def main() -> None:
             print(f"warning: {figures['ours_uncompiled_calls']} model calls ran uncompiled", flush=True)
     if placement.device.type == "cuda":
         figures["ours_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        figures["ours_host_syncs_per_step"] = host_syncs_per_step(ours)
     ours.finisher.stop()
     figures["steps_per_s_ratio"] = figures["ours_steps_per_s"] / figures["baseline_steps_per_s"]
     figures["images_per_s_ratio"] = figures["ours_images_per_s"] / figures["baseline_images_per_s"]
@@ -259,6 +287,9 @@ def main() -> None:
         f"the same seed: values differ by at most {f['max_pixel_difference']} "
         f"({f['share_of_values_differing']:.2%} of them differ); our warm-up took {f['ours_warm_up_s']:.1f} s"
     )
+    if "ours_host_syncs_per_step" in f:
+        syncs = f["baseline_host_syncs_per_step"], f["ours_host_syncs_per_step"]
+        print(f"host syncs per step  baseline {syncs[0]}  ours {syncs[1]}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

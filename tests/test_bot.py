@@ -111,7 +111,9 @@ def final_message(fake: FakeDiscord, interaction_id: str) -> dict:
     interaction = fake.interaction(interaction_id)
     return fake.wait_for(
         lambda: interaction.original if interaction.original and interaction.original.get("embeds") else None,
-        timeout=60,
+        # A deadline for a hang, not for speed: an upscale renders 1024² (about 20 s on 2 idle cores, over a
+        # minute on 2 busy ones).
+        timeout=300,
         what="the result to replace the progress message",
     )
 

@@ -274,6 +274,35 @@ class UncompiledCalls:
         return counted_forward
 
 
+class TimestepOnDevice:
+    """The UNet's forward, given its timestep as a float on the sample's device by a copy that does not wait
+    for the GPU, whatever the scheduler's dtype and device.
+
+    The schedulers keep their timesteps on the CPU (`with_timesteps_on_cpu`), and the UNet moves its timestep
+    to the sample's device as its first step: with `.to(device)`, whose copy from the CPU ends in a stream
+    sync, once per step. Here the copy says `non_blocking` (from pageable memory, CUDA stages the few bytes
+    at once), and a compiled UNet sees the same input whichever scheduler runs: dynamo guards on dtypes, and
+    the Euler schedulers' float timesteps would otherwise miss every graph the warm-up compiled with the
+    default scheduler's integers; a CPU input would keep inductor from CUDA graphs. The UNet makes its
+    timestep a float on the sample's device before anything else uses it, so the result is the same
+    (timesteps up to 1000 are exact floats)."""
+
+    def __init__(self, forward: Callable) -> None:
+        self.forward = forward
+
+    def __call__(self, sample: torch.Tensor, timestep, *args, **kwargs):
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.float().to(sample.device, non_blocking=True)
+        return self.forward(sample, timestep, *args, **kwargs)
+
+    @classmethod
+    def install(cls, unet: torch.nn.Module) -> TimestepOnDevice:
+        """Wrap the UNet's forward, once."""
+        if not isinstance(unet.forward, cls):
+            unet.forward = cls(unet.forward)
+        return unet.forward
+
+
 def compile_pipeline(pipe, backend: str, mode: str | None, graphs: int = 0) -> UncompiledCalls:
     """torch.compile the forward of the UNet and of the VAE's decoder in place (the module objects stay:
     adapters, fusing and hot-swapping reach the same layers). Call it after `pipe.enable_lora_hotswap` and
@@ -285,28 +314,12 @@ def compile_pipeline(pipe, backend: str, mode: str | None, graphs: int = 0) -> U
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     options = {"backend": backend, **({"mode": mode} if mode else {})}
     uncompiled = UncompiledCalls()
-    pipe.unet.forward = _with_timestep_ready(torch.compile(uncompiled.counted(pipe.unet.forward), **options))
+    # What TimestepOnDevice calls is compiled, not TimestepOnDevice: its cast comes before dynamo's guards.
+    unet_forward = TimestepOnDevice.install(pipe.unet)
+    unet_forward.forward = torch.compile(uncompiled.counted(unet_forward.forward), **options)
     pipe.vae.decoder.forward = torch.compile(uncompiled.counted(pipe.vae.decoder.forward), **options)
     logger.info("compiled the UNet and the VAE decoder (%s)", ", ".join(f"{k}={v}" for k, v in options.items()))
     return uncompiled
-
-
-def _with_timestep_ready(forward: Callable) -> Callable:
-    """The compiled UNet's forward, given its timestep as a float on the sample's device, whatever the
-    scheduler's dtype and device. Dynamo guards on dtypes: the Euler schedulers' float timesteps would
-    otherwise miss every graph the warm-up compiled with the default scheduler's integers. And a CPU tensor
-    among a graph's inputs keeps inductor from CUDA graphs (COMPILE_MODE=reduce-overhead); the schedulers
-    keep theirs on the CPU (`with_timesteps_on_cpu`). The UNet makes its timestep a float on the sample's
-    device before anything else uses it, so the result is the same (timesteps up to 1000 are exact floats).
-    This runs outside the compiled function: inside, the cast would come after dynamo's guards."""
-
-    @functools.wraps(forward)
-    def forward_with_timestep_ready(sample, timestep, *args, **kwargs):
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(sample.device, torch.float32)
-        return forward(sample, timestep, *args, **kwargs)
-
-    return forward_with_timestep_ready
 
 
 def serve_compiled_shapes_only() -> None:

@@ -27,7 +27,7 @@ from imagine.contract import NO_ADAPTER, JobOptions, JobRejected, Limits
 from imagine.images import decode_image, image_digest, resized
 from imagine.wire import AdapterUse
 from worker.adapters import Activation, AdapterError, AdapterRegistry
-from worker.pipeline import UncompiledCalls
+from worker.pipeline import TimestepOnDevice, UncompiledCalls
 from worker.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -144,8 +144,8 @@ def with_timesteps_on_cpu(scheduler_class: type) -> type:
     """The scheduler, keeping its timesteps on the CPU whatever device the pipeline asks for.
 
     PNDM and DDIM (SD v1-4's default is PNDM) index CPU tensors with the step's timestep: with the timesteps
-    on the GPU, each step then waits for the GPU a few times. On the CPU, the index is a CPU number, the
-    UNet copies its timestep to the GPU without waiting, and the arithmetic is the same."""
+    on the GPU, each step then waits for the GPU a few times. On the CPU, the index is a CPU number, and the
+    arithmetic is the same; `TimestepOnDevice` hands the UNet its timestep on the GPU without waiting."""
 
     class TimestepsOnCpu(scheduler_class):
         def set_timesteps(self, *args, device=None, **kwargs):
@@ -221,6 +221,7 @@ class Renderer:
         self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
         self.img2img.set_progress_bar_config(disable=True)
         self.prompt_encoder = PromptEncoder(pipe) if self.limits.prompt_weights else None
+        TimestepOnDevice.install(pipe.unet)  # the other half of the schedulers' CPU timesteps
         classes = {name: with_timesteps_on_cpu(cls) for name, cls in _scheduler_classes().items()}
         classes["default"] = with_timesteps_on_cpu(type(pipe.scheduler))
         self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in classes.items()}
